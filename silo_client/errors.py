@@ -1,0 +1,13 @@
+"""Error types of the silo client.
+
+Every error a hospital operator can trigger with bad input is a :class:`SiloError` whose
+message is one line: what went wrong, where, and how to fix it.
+"""
+
+
+class SiloError(Exception):
+    """Base class of all silo-client errors meant to be shown to an operator (no traceback)."""
+
+
+class DataError(SiloError):
+    """The hospital's local data (DICOM folder, labels file, cache) cannot be used as given."""
