@@ -11,3 +11,11 @@ class SiloError(Exception):
 
 class DataError(SiloError):
     """The hospital's local data (DICOM folder, labels file, cache) cannot be used as given."""
+
+
+class SiloConfigError(SiloError):
+    """The silo home or the SuperNode's node-config is missing or wrong."""
+
+
+class PlanRefused(SiloError):
+    """The silo refuses to run a plan (not approved, altered, out of policy); no data was read."""

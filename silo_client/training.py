@@ -1,0 +1,166 @@
+"""Local training and evaluation on the silo's own data (the only place data is ever read)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from training_plan.schema import TrainingSpec
+
+
+def limit_threads() -> None:
+    """Keep a ClientApp from oversubscribing the hospital server's cores.
+
+    FEDSILO_TORCH_THREADS (default: 1 per ClientApp process) sets the intra-op pool; several silos
+    on one machine (the demo) otherwise fight over the same cores.
+    """
+    torch.set_num_threads(max(1, int(os.environ.get("FEDSILO_TORCH_THREADS", "1"))))
+
+
+def float_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's floating-point state (weights and BatchNorm statistics) as float32 arrays.
+
+    Integer buffers (BatchNorm's num_batches_tracked) are bookkeeping, not parameters: they are
+    neither averaged nor sent.
+    """
+    return {
+        key: value.detach().cpu().numpy().astype(np.float32, copy=True)
+        for key, value in model.state_dict().items()
+        if value.is_floating_point()
+    }
+
+
+def load_float_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load float32 arrays (as produced by float_state) into the model, checking every key."""
+    state = model.state_dict()
+    expected = {k for k, v in state.items() if v.is_floating_point()}
+    missing, unexpected = expected - set(arrays), set(arrays) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"model arrays do not match the plan's network (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+    for key in expected:
+        if tuple(arrays[key].shape) != tuple(state[key].shape):
+            raise ValueError(
+                f"array '{key}' has shape {arrays[key].shape}, the network expects "
+                f"{tuple(state[key].shape)}"
+            )
+        state[key] = torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)).to(state[key].dtype)
+    model.load_state_dict(state)
+
+
+def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
+    """The plan's optimizer over the model's parameters."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=0.9)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
+    return torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training did (counts only, no data)."""
+
+    num_examples: int
+    steps: int
+    mean_loss: float
+
+
+def train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: TrainingSpec,
+    seed: int,
+) -> TrainResult:
+    """Train in place for spec.local_epochs epochs with binary cross-entropy on one logit."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(images, labels.float()),
+        batch_size=spec.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=len(labels) > spec.batch_size,
+    )
+    optimizer = make_optimizer(model, spec)
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    steps, loss_total = 0, 0.0
+    for _ in range(spec.local_epochs):
+        for batch_images, batch_labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(batch_images).squeeze(1), batch_labels)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_total += float(loss.detach())
+    return TrainResult(num_examples=int(len(labels)), steps=steps, mean_loss=loss_total / max(steps, 1))
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    """Evaluation as sums, so that silos' results add up (and can go through secure sums)."""
+
+    num_examples: int
+    loss_sum: float
+    true_pos: int
+    false_pos: int
+    true_neg: int
+    false_neg: int
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of correct decisions at threshold 0.5."""
+        return (self.true_pos + self.true_neg) / max(self.num_examples, 1)
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean binary cross-entropy."""
+        return self.loss_sum / max(self.num_examples, 1)
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of the positive class for each image."""
+    model.eval()
+    scores = [
+        torch.sigmoid(model(images[i : i + batch_size]).squeeze(1))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+def evaluate_sums(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> EvalSums:
+    """Loss sum and confusion cells of the model on (images, labels)."""
+    scores = predict_scores(model, images)
+    truth = labels.numpy().astype(bool)
+    eps = 1e-7
+    clipped = np.clip(scores, eps, 1 - eps)
+    loss_sum = float(-(truth * np.log(clipped) + (~truth) * np.log(1 - clipped)).sum())
+    decided = scores >= 0.5
+    return EvalSums(
+        num_examples=int(len(truth)),
+        loss_sum=loss_sum,
+        true_pos=int((decided & truth).sum()),
+        false_pos=int((decided & ~truth).sum()),
+        true_neg=int((~decided & ~truth).sum()),
+        false_neg=int((~decided & truth).sum()),
+    )
+
+
+def auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """ROC AUC (NaN when only one class is present)."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.asarray(truth).astype(int)
+    if truth.min(initial=0) == truth.max(initial=0):
+        return float("nan")
+    return float(roc_auc_score(truth, scores))

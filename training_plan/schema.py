@@ -1,0 +1,104 @@
+"""The training plan: a declarative, validated description of one federated training run.
+
+Plans are data, never code: every field is checked here, and a silo builds the model and the
+transform chain from these values with factories it has installed itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a plan must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which registered MONAI network to build, from scratch, and its arguments."""
+
+    name: str = Field(description="registry name, e.g. resnet10, efficientnet-b0, densenet121")
+    args: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from training_plan.models import MODEL_REGISTRY
+
+        if value not in MODEL_REGISTRY:
+            known = ", ".join(sorted(MODEL_REGISTRY))
+            raise ValueError(f"unknown model '{value}' (known: {known})")
+        return value
+
+
+class Window(_Strict):
+    """Intensity window in Hounsfield-like units, applied after the modality LUT."""
+
+    center: float
+    width: float = Field(gt=0)
+
+
+class PreprocessingSpec(_Strict):
+    """How each silo turns a DICOM image into a tensor."""
+
+    input_size: int = Field(64, ge=16, le=1024, description="square side in pixels")
+    window: Window | None = Field(
+        None, description="intensity window; omitted = the file's own WindowCenter/Width"
+    )
+
+
+class TrainingSpec(_Strict):
+    """Local training done by each silo in one round."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(8, ge=1, le=4096)
+    validation_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class FederationSpec(_Strict):
+    """How the consortium runs the rounds."""
+
+    rounds: int = Field(5, ge=1, le=10_000)
+    min_silos: int = Field(3, ge=1, le=10_000)
+    strategy: Literal["fedavg"] = "fedavg"
+
+
+class SecureAggregationSpec(_Strict):
+    """Secure-aggregation settings; on by default (a silo's policy may forbid turning it off)."""
+
+    enabled: bool = True
+    clip: float = Field(1.0, gt=0, description="per-value clip of the weighted update")
+    fractional_bits: int = Field(16, ge=4, le=40)
+    field_bits: Literal[32, 64] = 32
+    threshold: int | None = Field(None, ge=3, description="Shamir threshold t; default 2n/3+1")
+    max_weight: int = Field(100_000, ge=1, description="public cap on a silo's example count")
+
+
+class TrainingPlan(_Strict):
+    """A complete, validated training plan (schema version 1)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    title: str = Field(min_length=1, max_length=200)
+    task: Literal["classification"] = "classification"
+    model: ModelSpec
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    training: TrainingSpec = TrainingSpec()
+    federation: FederationSpec = FederationSpec()
+    secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
+
+    @model_validator(mode="after")
+    def _secure_agg_needs_three(self) -> TrainingPlan:
+        if self.secure_aggregation.enabled and self.federation.min_silos < 3:
+            raise ValueError(
+                "federation.min_silos must be at least 3 when secure_aggregation is enabled "
+                "(with two silos each could subtract its own update from the sum)"
+            )
+        return self
