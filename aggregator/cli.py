@@ -1,0 +1,80 @@
+"""`aggregator`: what the consortium operator runs. Inspect runs the ServerApp has written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.artifacts import read_events
+from aggregator.errors import AggregatorError
+from training_plan.errors import PlanError
+
+app = typer.Typer(
+    name="aggregator",
+    help="Consortium side of fedsilo: runs, models, reports.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+
+
+@app.command("show-run")
+def show_run(
+    run_dir: Path = typer.Argument(..., help="A run's out-dir (holds events.jsonl)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show a run's rounds: participants, refusals, validation metrics, bytes received."""
+    events_path = run_dir / "events.jsonl"
+    if not events_path.exists():
+        raise AggregatorError(f"{run_dir} holds no run (no events.jsonl); pass a run's out-dir")
+    events = read_events(events_path)
+    if as_json:
+        print(json.dumps(events, indent=2))
+        return
+    table = Table(title=f"run in {run_dir}")
+    for column in ("round", "silos", "val loss", "val acc", "bytes in", "seconds", "refused"):
+        table.add_column(column)
+    for event in events:
+        if event["event"] != "round-finished":
+            continue
+        ev = event.get("evaluate", {})
+        table.add_row(
+            str(event["round"]),
+            str(event["participants"]),
+            f"{ev.get('eval-loss', float('nan')):.4f}",
+            f"{ev.get('eval-accuracy', float('nan')):.3f}",
+            f"{event['bytes_received']:,}",
+            f"{event['seconds']:.1f}",
+            "; ".join(f"{k}: {v}" for k, v in event.get("refused", {}).items()) or "-",
+        )
+    console.print(table)
+    for event in events:
+        if event["event"] in ("run-failed", "round-failed"):
+            console.print(f"[red]{event['event']}[/]: {event.get('reason', '')}")
+
+
+def main() -> None:
+    """Console entry point of `aggregator`."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except (AggregatorError, PlanError) as exc:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise

@@ -1,0 +1,242 @@
+"""The round loop of one federated run on Flower's Message API.
+
+configure (strategy) -> aggregation step (plain or secure) -> aggregate (strategy) -> evaluate ->
+checkpoint. The aggregation step is the one replaceable object: see aggregation.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from aggregator.aggregation import AggregationStep, PlainAggregation, StepReport
+from aggregator.artifacts import EventLog, save_model
+from aggregator.errors import NotEnoughSilos, RoundFailed, StrategyRefused
+from training_plan import TrainingPlan, canonical_json, plan_hash, wire
+
+log = logging.getLogger("fedsilo.aggregator")
+
+
+def build_strategy(plan: TrainingPlan) -> Strategy:
+    """The Flower strategy the plan asks for, sampling every connected silo each round."""
+    fed = plan.federation
+    if fed.strategy == "fedavg":
+        return FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=fed.min_silos,
+            min_evaluate_nodes=fed.min_silos,
+            min_available_nodes=fed.min_silos,
+            weighted_by_key=wire.NUM_EXAMPLES,
+            arrayrecord_key=wire.ARRAYS,
+            configrecord_key=wire.CONFIG,
+        )
+    raise StrategyRefused(f"strategy '{fed.strategy}' is not supported")
+
+
+def initial_arrays(plan: TrainingPlan) -> dict[str, np.ndarray]:
+    """The plan's network, freshly initialised with the plan's seed, as float32 arrays."""
+    import torch
+
+    from training_plan.models import build_model
+
+    torch.manual_seed(plan.training.seed)
+    model = build_model(plan.model.name, dict(plan.model.args))
+    return {
+        k: v.detach().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+
+
+def default_aggregation(plan: TrainingPlan) -> AggregationStep:
+    """Secure aggregation unless the plan turned it off."""
+    if plan.secure_aggregation.enabled:
+        from secure_agg.flower import SecureAggregation
+
+        return SecureAggregation.from_plan(plan)
+    return PlainAggregation()
+
+
+@dataclass
+class RoundRecord:
+    """What one round produced (aggregates only)."""
+
+    round: int
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    participants: int
+    refused: dict[str, str]
+    bytes_received: int
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """The outcome of a run."""
+
+    run_id: str
+    plan_hash: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+    final_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    status: str = "running"
+
+
+class FederatedRun:
+    """Drives one run: wait for silos, then rounds of train/aggregate/evaluate/checkpoint."""
+
+    def __init__(
+        self,
+        plan: TrainingPlan,
+        out_dir: Path,
+        run_id: str,
+        *,
+        strategy: Strategy | None = None,
+        aggregation: AggregationStep | None = None,
+        node_wait_seconds: float = 180.0,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.out_dir = Path(out_dir)
+        self.run_id = run_id
+        self.strategy = strategy or build_strategy(plan)
+        self.aggregation = aggregation or default_aggregation(plan)
+        self.node_wait_seconds = node_wait_seconds
+        self.on_round = on_round
+        self.events = EventLog(self.out_dir / "events.jsonl")
+        self.hash = plan_hash(plan)
+
+    def _wait_for_silos(self, grid: Grid) -> list[int]:
+        needed = self.plan.federation.min_silos
+        deadline = time.monotonic() + self.node_wait_seconds
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= needed:
+                return nodes
+            if time.monotonic() > deadline:
+                raise NotEnoughSilos(
+                    f"only {len(nodes)} silo(s) connected after {self.node_wait_seconds:.0f} s; "
+                    f"the plan needs {needed} (check 'silo start' at each hospital)"
+                )
+            time.sleep(1.0)
+
+    def _config(self, server_round: int, phase: str) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                wire.PLAN_JSON: canonical_json(self.plan).decode(),
+                wire.PLAN_HASH: self.hash,
+                wire.RUN_ID: self.run_id,
+                wire.ROUND: server_round,
+                wire.PHASE: phase,
+            }
+        )
+
+    def run(self, grid: Grid) -> RunResult:
+        """Run every round of the plan; the global model never advances on a failed round."""
+        result = RunResult(run_id=self.run_id, plan_hash=self.hash)
+        arrays = initial_arrays(self.plan)
+        save_model(self.out_dir / "rounds" / "round-000.safetensors", arrays)
+        try:
+            nodes = self._wait_for_silos(grid)
+        except NotEnoughSilos as exc:
+            result.status = "failed"
+            self.events.write("run-failed", reason=str(exc))
+            raise
+        self.events.write(
+            "run-started",
+            run_id=self.run_id,
+            plan_hash=self.hash,
+            silos=len(nodes),
+            rounds=self.plan.federation.rounds,
+            aggregation=self.aggregation.name,
+        )
+        try:
+            for server_round in range(1, self.plan.federation.rounds + 1):
+                arrays = self._one_round(grid, server_round, arrays, result)
+        except Exception as exc:
+            result.status = "failed"
+            self.events.write("run-failed", reason=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            raise
+        result.final_arrays = arrays
+        result.status = "done"
+        save_model(self.out_dir / "final_model.safetensors", arrays, {"plan_hash": self.hash})
+        self.events.write("run-finished", rounds=len(result.rounds))
+        return result
+
+    def _one_round(
+        self, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], result: RunResult
+    ) -> dict[str, np.ndarray]:
+        started = time.monotonic()
+        needed = self.plan.federation.min_silos
+        record = ArrayRecord({k: _array(v) for k, v in arrays.items()})
+        messages = list(
+            self.strategy.configure_train(server_round, record, self._config(server_round, "train"), grid)
+        )
+        report = StepReport()
+        replies = self.aggregation.train(grid, server_round, messages, report)
+        if len(report.replied) < needed or not replies:
+            reasons = "; ".join(f"{n}: {r}" for n, r in report.refused.items()) or "no replies"
+            self.events.write(
+                "round-failed", round=server_round, replied=len(report.replied), refused=_str_keys(report.refused)
+            )
+            raise RoundFailed(
+                f"round {server_round}: {len(report.replied)} of {len(messages)} silos contributed, "
+                f"the plan needs {needed} ({reasons}); the global model was not advanced"
+            )
+        new_record, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        if new_record is None:
+            raise RoundFailed(f"round {server_round}: the strategy produced no model")
+        new_arrays = dict(zip(new_record.keys(), new_record.to_numpy_ndarrays(), strict=True))
+
+        eval_messages = list(
+            self.strategy.configure_evaluate(
+                server_round, new_record, self._config(server_round, "validation"), grid
+            )
+        )
+        eval_report = StepReport()
+        eval_replies = self.aggregation.evaluate(grid, server_round, eval_messages, eval_report)
+        eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
+
+        save_model(self.out_dir / "rounds" / f"round-{server_round:03d}.safetensors", new_arrays)
+        round_record = RoundRecord(
+            round=server_round,
+            train_metrics=dict(train_metrics or {}),
+            eval_metrics=dict(eval_metrics or {}),
+            participants=len(report.replied),
+            refused=_str_keys(report.refused),
+            bytes_received=report.bytes_received,
+            seconds=time.monotonic() - started,
+        )
+        result.rounds.append(round_record)
+        self.events.write(
+            "round-finished",
+            round=server_round,
+            train=round_record.train_metrics,
+            evaluate=round_record.eval_metrics,
+            participants=round_record.participants,
+            refused=round_record.refused,
+            bytes_received=round_record.bytes_received,
+            seconds=round_record.seconds,
+            notes=report.notes,
+        )
+        if self.on_round:
+            self.on_round(round_record)
+        return new_arrays
+
+
+def _str_keys(mapping: dict[int, str]) -> dict[str, str]:
+    return {str(k): v for k, v in mapping.items()}
+
+
+def _array(value: np.ndarray):  # noqa: ANN202
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(value, dtype=np.float32))

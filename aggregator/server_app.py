@@ -1,0 +1,51 @@
+"""The consortium's Flower ServerApp (Message API: ServerApp + Grid, no LegacyContext).
+
+Run configuration (``flwr run ... --run-config``):
+  plan-path  path of the validated plan YAML on the aggregator's machine
+  out-dir    where checkpoints, the event log and the final model go
+  run-id     the consortium's name for this run (binds every secure-aggregation message)
+  node-wait  seconds to wait for the plan's minimum number of silos (default 180)
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from aggregator.artifacts import EventLog
+from aggregator.errors import AggregatorError
+from aggregator.federated_run import FederatedRun
+from training_plan import PlanError, load_plan
+
+log = logging.getLogger("fedsilo.aggregator")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the plan named by the run configuration."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = context.run_config
+    plan_path = str(config.get("plan-path", ""))
+    out_dir = Path(str(config.get("out-dir", "") or "fedsilo-run"))
+    run_id = str(config.get("run-id", "") or uuid.uuid4().hex[:12])
+    try:
+        plan = load_plan(plan_path)
+    except PlanError as exc:
+        EventLog(out_dir / "events.jsonl").write("run-failed", reason=str(exc))
+        log.error("run %s stopped: %s", run_id, exc)
+        raise SystemExit(1) from None
+    try:
+        run = FederatedRun(
+            plan, out_dir, run_id, node_wait_seconds=float(config.get("node-wait", 180))
+        )
+        result = run.run(grid)
+        log.info("run %s finished: %d rounds", run_id, len(result.rounds))
+    except (AggregatorError, PlanError) as exc:
+        log.error("run %s stopped: %s", run_id, exc)
+        raise SystemExit(1) from None

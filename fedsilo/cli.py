@@ -1,0 +1,173 @@
+"""`fedsilo`: the front door. Mounts the silo and aggregator CLIs and adds plan tools, synth, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from training_plan import PlanError, load_plan, plan_hash
+
+app = typer.Typer(
+    name="fedsilo",
+    help="Cross-silo federated learning for hospitals (Flower + MONAI + secure aggregation).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+plan_app = typer.Typer(help="Write, check and inspect training plans.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+console = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    if debug:
+        os.environ["FEDSILO_DEBUG"] = "1"
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("fedsilo-demo"), "--out", help="Output folder."),
+    rounds: int = typer.Option(None, "--rounds", min=1, help="Rounds (default: the plan's)."),
+    hospitals: int = typer.Option(3, "--hospitals", min=3, max=10, help="Number of hospitals."),
+    images_per_hospital: int = typer.Option(160, "--images-per-hospital", min=20, max=5000),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, model and training."),
+    timeout: float = typer.Option(1200.0, "--timeout", help="Give up after this many seconds."),
+) -> None:
+    """Run a whole consortium on this machine: synthetic hospitals, real Flower processes."""
+    from fedsilo.demo import DemoSettings, run_demo
+
+    summary = run_demo(
+        DemoSettings(
+            out=out,
+            hospitals=hospitals,
+            images_per_hospital=images_per_hospital,
+            rounds=rounds,
+            seed=seed,
+            timeout=timeout,
+        ),
+        console=console,
+    )
+    console.print(f"Wrote {out}/summary.json, metrics.csv, metrics.png and final_model.safetensors")
+    if not summary["federated_beats_mean_local"]:
+        console.print("[yellow]Note: this run's federated AUC did not beat the mean local-only AUC.")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder to write hospital-*/ folders into."),
+    hospitals: int = typer.Option(3, "--hospitals", min=1, max=50),
+    images_per_hospital: int = typer.Option(120, "--images-per-hospital", min=4, max=100_000),
+    seed: int = typer.Option(0, "--seed"),
+    difficulty: float = typer.Option(0.55, "--difficulty", min=0.0, max=1.0),
+    image_size: int = typer.Option(64, "--image-size", min=16, max=1024),
+) -> None:
+    """Generate synthetic hospitals: real DICOM files plus labels.csv per hospital."""
+    from silo_client.data.synthetic import generate_hospitals
+
+    specs = generate_hospitals(
+        out,
+        hospitals=hospitals,
+        images_per_hospital=images_per_hospital,
+        seed=seed,
+        difficulty=difficulty,
+        image_size=image_size,
+    )
+    for spec in specs:
+        console.print(
+            f"{out / spec.name}: {spec.n_images} images, {spec.positive_fraction:.0%} with lesion"
+        )
+
+
+@plan_app.command("validate")
+def plan_validate(path: Path = typer.Argument(..., help="Plan YAML file.")) -> None:
+    """Check a plan; prints its hash, or one line saying which key is wrong (exit 2)."""
+    plan = load_plan(path)
+    console.print(f"{path}: valid plan '{plan.title}', sha256 {plan_hash(plan)}")
+
+
+@plan_app.command("show")
+def plan_show(
+    path: Path = typer.Argument(..., help="Plan YAML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the canonical JSON."),
+) -> None:
+    """Show a plan with every default made explicit."""
+    plan = load_plan(path)
+    payload = plan.model_dump(mode="json")
+    if as_json:
+        print(json.dumps({"plan_hash": plan_hash(plan), "plan": payload}, indent=2))
+    else:
+        import yaml
+
+        console.print(f"# sha256 {plan_hash(plan)}")
+        console.print(yaml.safe_dump(payload, sort_keys=False), markup=False)
+
+
+@plan_app.command("hash")
+def plan_hash_cmd(path: Path = typer.Argument(..., help="Plan YAML file.")) -> None:
+    """Print the canonical SHA-256 of a plan (what silos approve)."""
+    print(plan_hash(load_plan(path)))
+
+
+def _mount_role_clis() -> None:
+    from aggregator.cli import app as aggregator_app
+    from silo_client.cli import app as silo_app
+
+    app.add_typer(silo_app, name="silo", help="Hospital IT: the silo (same as the `silo` command).")
+    app.add_typer(
+        aggregator_app, name="aggregator", help="Consortium: the aggregator (same as `aggregator`)."
+    )
+
+
+_mount_role_clis()
+
+
+def run_cli(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...]) -> None:
+    """Run a typer app: user errors print one line on stderr and exit 2; --debug shows tracebacks."""
+    debug = "--debug" in sys.argv or os.environ.get("FEDSILO_DEBUG") == "1"
+    try:
+        typer_app(standalone_mode=False)
+    except user_errors as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; every process started was stopped")
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        if debug:
+            raise
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)")
+        raise SystemExit(1) from None
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Every package's base error: these are the user's to fix, never a traceback."""
+    from aggregator.errors import AggregatorError
+    from fedsilo.demo import DemoError
+    from fedsilo.flower_processes import ClusterError
+    from secure_agg.errors import SecureAggError
+    from silo_client.errors import SiloError
+
+    return (PlanError, SiloError, AggregatorError, SecureAggError, DemoError, ClusterError)
+
+
+def main() -> None:
+    """Console entry point of `fedsilo`."""
+    run_cli(app, user_error_types())

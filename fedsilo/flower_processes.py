@@ -1,0 +1,273 @@
+"""Start and stop real Flower processes (SuperLink, SuperNodes) on this machine, and submit runs.
+
+Used by `fedsilo demo` and the end-to-end tests. Every process started here is stopped by
+`FlowerCluster.stop()` (also on Ctrl-C or error, via the context manager), together with the
+SuperExec helpers Flower spawns for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aggregator.pki import TlsFiles
+
+
+class ClusterError(RuntimeError):
+    """A Flower process failed to start or a run could not be submitted."""
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise ClusterError(f"'{name}' not found; is flwr installed in this environment?")
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: our venv first on PATH, telemetry off, own FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault("FEDSILO_TORCH_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class ManagedProcess:
+    """One started process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of its log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _children_by_parent_pid(pid: int) -> list[int]:
+    """SuperExec helpers are detached but carry --parent-pid PID on their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--parent-pid" in args:
+            index = args.index(b"--parent-pid")
+            if index + 1 < len(args) and args[index + 1] == str(pid).encode():
+                found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class FlowerCluster:
+    """A SuperLink with TLS and some SuperNodes on 127.0.0.1, all stopped together."""
+
+    workdir: Path
+    tls: TlsFiles
+    port: int = field(default_factory=free_port)
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address (Fleet, Control and ServerApp APIs share it in Flower 1.42)."""
+        return f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, args: list[str], flwr_home: Path) -> ManagedProcess:
+        log_path = self.workdir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        handle = log_path.open("ab")
+        popen = subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=flower_env(flwr_home),
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        handle.close()
+        process = ManagedProcess(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def start_superlink(self, timeout: float = 60.0) -> ManagedProcess:
+        """Start flower-superlink with TLS and wait until its port accepts connections."""
+        process = self._start(
+            "superlink",
+            [
+                _bin("flower-superlink"),
+                "--ssl-certfile", str(self.tls.server_cert),
+                "--ssl-keyfile", str(self.tls.server_key),
+                "--ssl-ca-certfile", str(self.tls.ca_cert),
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+                "--disable-runtime-dependency-installation",
+                "--database", str(self.workdir / "superlink.db"),
+            ],
+            self.workdir / "flwr-home" / "superlink",
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not process.alive():
+                raise ClusterError(f"flower-superlink exited at start:\n{process.tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return process
+            except OSError:
+                time.sleep(0.2)
+        raise ClusterError(f"flower-superlink did not listen on {self.address} within {timeout:.0f} s")
+
+    def start_supernode(self, name: str, node_config: dict[str, str]) -> ManagedProcess:
+        """Start a flower-supernode that trusts our CA and passes node_config to the ClientApp."""
+        config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
+        return self._start(
+            f"supernode-{name}",
+            [
+                _bin("flower-supernode"),
+                "--root-certificates", str(self.tls.ca_cert),
+                "--superlink", self.address,
+                "--node-config", config,
+                "--port", str(free_port()),
+                "--max-retries", "60",
+                "--max-wait-time", "300",
+            ],
+            self.workdir / "flwr-home" / f"supernode-{name}",
+        )
+
+    def cli_home(self) -> Path:
+        """FLWR_HOME for the `flwr` CLI, with this cluster as its default SuperLink connection."""
+        home = self.workdir / "flwr-home" / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            "[superlink]\n"
+            'default = "fedsilo"\n\n'
+            "[superlink.fedsilo]\n"
+            f'address = "{self.address}"\n'
+            f'root-certificates = "{self.tls.ca_cert}"\n'
+        )
+        return home
+
+    def submit(self, app_dir: Path, run_config: dict[str, str | int | float]) -> int:
+        """`flwr run APP fedsilo --run-config ...`; returns Flower's run id."""
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        completed = subprocess.run(
+            [_bin("flwr"), "run", str(app_dir), "fedsilo", "--run-config", overrides, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=flower_env(self.cli_home()),
+            cwd=self.workdir,
+            timeout=180,
+            check=False,
+        )
+        out = completed.stdout.strip()
+        try:
+            payload = json.loads(out[out.index("{") :])
+        except ValueError:
+            payload = {}
+        if completed.returncode != 0 or not payload.get("success", False):
+            detail = payload.get("error-message") or (completed.stderr or out).strip()[-800:]
+            raise ClusterError(f"'flwr run' failed: {detail}")
+        return int(payload["run-id"])
+
+    def check_alive(self) -> None:
+        """Raise ClusterError naming the first Flower process that died."""
+        for process in self.processes:
+            if not process.alive():
+                raise ClusterError(
+                    f"{process.name} exited with code {process.popen.returncode}:\n{process.tail()}"
+                )
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process (SIGTERM, then SIGKILL), SuperExec helpers included."""
+        for process in reversed(self.processes):
+            pid = process.popen.pid
+            helpers = _children_by_parent_pid(pid)
+            if process.alive():
+                try:
+                    os.killpg(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for helper in helpers:
+                try:
+                    os.kill(helper, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.popen.wait(timeout=5)
+        self.processes.clear()
+
+    def __enter__(self) -> FlowerCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def write_flower_app(folder: Path, defaults: dict[str, str | int]) -> Path:
+    """A Flower app folder whose components are fedsilo's installed apps.
+
+    The FAB built from it carries only this pyproject.toml: the code that runs at each silo is the
+    fedsilo its IT installed, never code shipped with a run.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in defaults.items())
+    (folder / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["hatchling"]\n'
+        'build-backend = "hatchling.build"\n\n'
+        "[project]\n"
+        'name = "fedsilo-run"\n'
+        'version = "1.0.0"\n'
+        'description = "fedsilo federated run (apps installed with fedsilo)"\n'
+        'license = "Apache-2.0"\n'
+        "dependencies = []\n\n"
+        "[tool.flwr.app]\n"
+        'publisher = "fedsilo"\n\n'
+        "[tool.flwr.app.components]\n"
+        'serverapp = "aggregator.server_app:app"\n'
+        'clientapp = "silo_client.client_app:app"\n\n'
+        "[tool.flwr.app.config]\n"
+        f"{config}\n"
+    )
+    return folder

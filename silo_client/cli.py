@@ -1,0 +1,80 @@
+"""`silo`: what hospital IT runs. Set up the silo home and look at what it holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from silo_client.errors import SiloError
+from silo_client.home import HOME_ENV, SiloHome, init_silo_home
+from training_plan.errors import PlanError
+
+app = typer.Typer(
+    name="silo",
+    help="Hospital side of fedsilo: the silo home, its data, its SuperNode.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+
+
+def _home_option() -> Path:
+    return typer.Option(
+        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
+        "--home",
+        help=f"Silo home folder (env {HOME_ENV}).",
+    )
+
+
+@app.command()
+def init(
+    name: str = typer.Option(..., "--name", help="The hospital's name in the consortium."),
+    dataset: Path = typer.Option(None, "--dataset", help="Folder with dicom/ and labels.csv."),
+    home: Path = _home_option(),
+) -> None:
+    """Create the silo home (or update its name and default dataset)."""
+    if dataset is not None and not dataset.is_dir():
+        raise SiloError(f"dataset folder {dataset} does not exist; pass the folder holding dicom/")
+    silo = init_silo_home(home, name, dataset)
+    console.print(f"silo '{silo.name}' ready in {silo.root}")
+
+
+@app.command()
+def show(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show the silo's name and registered datasets."""
+    silo = SiloHome.open(home)
+    if as_json:
+        print(json.dumps({"name": silo.name, "home": str(silo.root), "datasets": silo.datasets}))
+        return
+    console.print(f"silo '{silo.name}' in {silo.root}")
+    for key, folder in silo.datasets.items():
+        console.print(f"  dataset {key}: {folder}")
+
+
+def main() -> None:
+    """Console entry point of `silo`."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except (SiloError, PlanError) as exc:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except typer.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        raise

@@ -1,0 +1,137 @@
+"""The silo's Flower ClientApp (Message API).
+
+The SuperNode starts one ClientApp process per message; this module therefore imports only what
+every message needs, and torch/MONAI load lazily inside the handlers that train or evaluate.
+Every refusal or failure is answered with a Flower error reply whose reason is one line without
+paths, values or anything else identifying (details go to the silo's own log).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from silo_client.errors import DataError, PlanRefused, SiloConfigError, SiloError
+from silo_client.home import SiloHome
+from training_plan import wire
+from training_plan.errors import PlanError
+
+log = logging.getLogger("fedsilo.silo")
+
+app = ClientApp()
+
+
+def _setup_logging(home: SiloHome) -> None:
+    home.logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(home.logs_dir / "clientapp.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedsilo")
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+
+
+def error_reply(msg: Message, exc: BaseException) -> Message:
+    """Turn an exception into a Flower error reply with a code and a one-line reason."""
+    if isinstance(exc, PlanRefused | PlanError):
+        code = wire.ERROR_REFUSED
+    elif isinstance(exc, DataError):
+        code = wire.ERROR_DATA
+    elif isinstance(exc, SiloConfigError):
+        code = wire.ERROR_CONFIG
+    else:
+        code = wire.ERROR_INTERNAL
+    if code == wire.ERROR_INTERNAL:
+        reason = f"internal error in the silo ({type(exc).__name__}); see the silo's clientapp.log"
+    else:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Run a handler; any failure becomes an error reply instead of a crashed ClientApp."""
+
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            home = SiloHome.from_node_config(context.node_config)
+            _setup_logging(home)
+        except SiloError as exc:
+            return error_reply(msg, exc)
+        try:
+            return handler(msg, context)
+        except (SiloError, PlanError) as exc:
+            log.warning("refused %s: %s", msg.metadata.message_type, exc)
+            return error_reply(msg, exc)
+        except Exception as exc:
+            log.exception("failed %s", msg.metadata.message_type)
+            return error_reply(msg, exc)
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def _plan_and_round(msg: Message):  # noqa: ANN202 - small private helper
+    from silo_client.local_round import plan_from_wire
+
+    config = msg.content[wire.CONFIG]
+    try:
+        plan_json = str(config[wire.PLAN_JSON])
+        claimed = str(config[wire.PLAN_HASH])
+        server_round = int(config[wire.ROUND])
+    except KeyError as exc:
+        raise PlanRefused(f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?") from None
+    return plan_from_wire(plan_json, claimed), server_round
+
+
+@app.train()
+@guarded
+def train(msg: Message, context: Context) -> Message:
+    """Plain (not securely aggregated) training: reply with the update and the example count."""
+    from silo_client.local_round import train_round
+
+    plan, server_round = _plan_and_round(msg)
+    if plan.secure_aggregation.enabled:
+        raise PlanRefused("the plan requires secure aggregation; refusing to send a plain update")
+    home = SiloHome.from_node_config(context.node_config)
+    global_arrays = msg.content[wire.ARRAYS].to_numpy_ndarrays()
+    keys = list(msg.content[wire.ARRAYS].keys())
+    update, result = train_round(home, plan, dict(zip(keys, global_arrays, strict=True)), server_round)
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord({k: _array(v) for k, v in update.items()}),
+            wire.METRICS: MetricRecord(
+                {wire.NUM_EXAMPLES: result.num_examples, "train-loss": result.mean_loss}
+            ),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+@guarded
+def evaluate(msg: Message, context: Context) -> Message:
+    """Plain evaluation of the global model on the silo's validation split."""
+    from silo_client.local_round import evaluate_round
+
+    plan, _ = _plan_and_round(msg)
+    home = SiloHome.from_node_config(context.node_config)
+    record = msg.content[wire.ARRAYS]
+    global_arrays = dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
+    sums = evaluate_round(home, plan, global_arrays)
+    metrics = MetricRecord(
+        {
+            wire.NUM_EXAMPLES: sums.num_examples,
+            "eval-loss": sums.mean_loss,
+            "eval-accuracy": sums.accuracy,
+        }
+    )
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+def _array(value):  # noqa: ANN001, ANN202
+    from flwr.app import Array
+
+    return Array(value)
