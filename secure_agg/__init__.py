@@ -1,0 +1,102 @@
+"""Secure aggregation for fedsilo: the server learns only the SUM of the silos' vectors.
+
+Bonawitz et al. (2017) with a dishonest-server hardening: round keys signed by Ed25519
+identity keys checked against each silo's OWN roster, a consistency round over the survivor
+set and the model context, refusal to reveal both shares of one peer, run/round/stage binding
+of every message. Pure Python + numpy + cryptography (no flwr import). Spec and threat model:
+``docs/secure_agg.md``.
+
+Adapter API
+===========
+
+Messages are flat dicts of ``str -> str | int | bytes | list[str] | list[bytes] |
+np.ndarray`` (fields in :data:`secure_agg.messages.SCHEMAS`); every one carries
+``protocol``, ``run_id``, ``round``, ``stage``; replies also ``silo``.
+:func:`~secure_agg.messages.pack` / :func:`~secure_agg.messages.unpack` turn them into bytes.
+
+Server side (one :class:`ServerCoordinator` per round; each ``collect_*`` takes
+``{silo: reply}`` of whoever answered and returns ``{silo: request}`` for the next stage)::
+
+    cfg = RoundConfig(run_id, round, participants, vector_length, threshold=None,
+                      clip=8.0, frac_bits=22, w_max=10_000.0, counter_names=("examples",))
+    srv = ServerCoordinator(cfg, roster=None)   # roster: optional extra checks
+    reqs = srv.advertise_requests()             # ADVERTISE  {participants, threshold, config}
+    reqs = srv.collect_advertisements(replies)  # -> SHARE   {peers, c_pks, s_pks, b_commits,
+                                                #    context_hashes, setup_digests, signatures}
+    reqs = srv.collect_shares(replies)          # -> MASK    {u2, share_from, ciphertexts}
+    reqs = srv.collect_masked(replies)          # -> CONSISTENCY {survivors}
+    reqs = srv.collect_consistency(replies)     # -> UNMASK  {survivors, dropped, signers,
+                                                #    signatures}
+    result = srv.collect_unmask(replies)        # AggregateResult: mean = sum(w d)/sum(w),
+                                                # weight_sum, counters, clipped_values,
+                                                # clipped_fraction, warnings, survivors, dropped
+
+Client side (a :class:`SecAggClient` per silo from its identity key and roster; the round
+state travels between stages as bytes, e.g. in a 0600 file)::
+
+    client = SecAggClient(name, IdentityKey.load(path), Roster.load(path))
+    state, reply = client.advertise(req, context_hash)  # reply {c_pk, s_pk, b_commit,
+                                                        #   context_hash, setup_digest,
+                                                        #   signature}
+    blob = state.to_bytes(); state = ClientState.from_bytes(blob)
+    reply = client.share(state, req)                    # {recipients, ciphertexts}
+    reply = client.mask(state, req, vector_f32, weight, counters)  # {masked: uint32 array}
+    reply = client.consistency(state, req)              # {signature}
+    reply = client.unmask(state, req)                   # {b_owners, b_shares, sk_owners,
+                                                        #   sk_shares}; state wiped after
+    state.wipe()                                        # on abort / at round end
+
+A refusal raises a :class:`ProtocolAbort` subclass (``.reason``, ``.peer``) and wipes the
+state; the server raises :class:`BelowThreshold` when fewer than ``t`` silos remain.
+:func:`secure_agg.simulate.run_in_memory` wires all of this in memory.
+"""
+
+from .codec import DecodedSum, FixedPointCodec, check_headroom
+from .errors import (
+    BadSignature,
+    BelowThreshold,
+    ConfigurationError,
+    InconsistentView,
+    MalformedMessage,
+    ProtocolAbort,
+    ReplayDetected,
+    SecureAggError,
+    UnknownPeer,
+)
+from .keys import IdentityKey, Roster
+from .messages import SCHEMAS, STAGES, pack, unpack
+from .protocol import (
+    AggregateResult,
+    ClientState,
+    RoundConfig,
+    SecAggClient,
+    ServerCoordinator,
+    default_threshold,
+)
+
+__all__ = [
+    "SCHEMAS",
+    "STAGES",
+    "AggregateResult",
+    "BadSignature",
+    "BelowThreshold",
+    "ClientState",
+    "ConfigurationError",
+    "DecodedSum",
+    "FixedPointCodec",
+    "IdentityKey",
+    "InconsistentView",
+    "MalformedMessage",
+    "ProtocolAbort",
+    "ReplayDetected",
+    "Roster",
+    "RoundConfig",
+    "SecAggClient",
+    "SecureAggError",
+    "ServerCoordinator",
+    "UnknownPeer",
+    "check_headroom",
+    "default_threshold",
+    "pack",
+    "unpack",
+]
