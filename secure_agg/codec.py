@@ -298,15 +298,15 @@ class FixedPointCodec:
     def mean_error_bound(
         self, n: int, weight_ratio_sum: float, exact_weights: bool = False
     ) -> float:
-        """Bound on |decoded mean - sum(a d)/sum(a)| per coordinate (see module docstring).
+        """Bound on |decoded float32 mean - sum(a d)/sum(a)| per coordinate (module docstring).
 
         ``weight_ratio_sum`` is ``sum(a_q) / 2^weight_bits``; with ``exact_weights`` the
         comparison is with the exact ratios ``w / w_max`` instead of the quantized ones.
         """
         a = max(weight_ratio_sum, 2.0**-self.weight_bits)
         rnd = 1.0 if self.rounding == "stochastic" else 0.5
-        eps = 2.0**-21 if self.bits == 32 else 2.0**-50
-        bound = n * rnd * 2.0**-self.frac_bits / a + self.clip * eps
+        # float32 encode (32 bits) and the float32 output each cost <= 2^-24 relative
+        bound = n * rnd * 2.0**-self.frac_bits / a + self.clip * 2.0**-21
         if exact_weights:
             bound += self.clip * n * 2.0**-self.weight_bits / a
         return bound
