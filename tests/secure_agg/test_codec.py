@@ -21,8 +21,14 @@ def _sum(codec: FixedPointCodec, encoded: list[np.ndarray]) -> np.ndarray:
 def test_round_trip_within_documented_bound(bits: int, rounding: str) -> None:
     rng = np.random.default_rng(1)
     n, m = 5, 20_000
-    codec = FixedPointCodec(vector_length=m, n_silos=n, bits=bits, rounding=rounding,
-                            counter_names=("examples",), w_max=1000.0)
+    codec = FixedPointCodec(
+        vector_length=m,
+        n_silos=n,
+        bits=bits,
+        rounding=rounding,
+        counter_names=("examples",),
+        w_max=1000.0,
+    )
     vecs = [rng.normal(0, 3, m).astype(np.float32) for _ in range(n)]
     weights = [1.0, 10.0, 100.0, 500.0, 1000.0]
     enc = [codec.encode(v, w, {"examples": w}) for v, w in zip(vecs, weights, strict=True)]
@@ -32,7 +38,9 @@ def test_round_trip_within_documented_bound(bits: int, rounding: str) -> None:
     expected /= sum(a_q)
     bound = codec.mean_error_bound(n, sum(a_q) / 2**codec.weight_bits)
     assert np.abs(out.mean - expected).max() <= bound
-    exact = sum(w * np.clip(v.astype(np.float64), -8, 8) for w, v in zip(weights, vecs, strict=True))
+    exact = sum(
+        w * np.clip(v.astype(np.float64), -8, 8) for w, v in zip(weights, vecs, strict=True)
+    )
     exact /= sum(weights)
     bound_exact = codec.mean_error_bound(n, sum(a_q) / 2**codec.weight_bits, exact_weights=True)
     assert np.abs(out.mean - exact).max() <= bound_exact
@@ -44,8 +52,9 @@ def test_round_trip_within_documented_bound(bits: int, rounding: str) -> None:
 
 
 def test_stochastic_rounding_is_unbiased() -> None:
-    codec = FixedPointCodec(vector_length=200_000, n_silos=3, frac_bits=4, rounding="stochastic",
-                            w_max=1.0)
+    codec = FixedPointCodec(
+        vector_length=200_000, n_silos=3, frac_bits=4, rounding="stochastic", w_max=1.0
+    )
     v = np.full(200_000, 0.3, np.float32)  # 0.3 * 16 = 4.8: floor/ceil 4 or 5
     out = codec.decode_sum(codec.encode(v, 1.0), 1)
     assert abs(float(out.mean.mean()) - 0.3) < 2e-3

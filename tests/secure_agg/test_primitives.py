@@ -106,8 +106,15 @@ def test_roster_round_trip_and_verify(tmp_path) -> None:
 
 
 def test_pack_unpack_round_trip_and_garbage() -> None:
-    msg = {"s": "x", "i": -3, "b": b"\x00\x01", "ls": ["a", "b"], "lb": [b"1"],
-           "arr": np.arange(5, dtype=np.uint32), "empty": []}
+    msg = {
+        "s": "x",
+        "i": -3,
+        "b": b"\x00\x01",
+        "ls": ["a", "b"],
+        "lb": [b"1"],
+        "arr": np.arange(5, dtype=np.uint32),
+        "empty": [],
+    }
     out = unpack(pack(msg))
     assert out["arr"].dtype == np.uint32
     np.testing.assert_array_equal(out.pop("arr"), msg.pop("arr"))

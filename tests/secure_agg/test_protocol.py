@@ -78,8 +78,9 @@ def test_dropouts_at_each_stage(stage: str, n_drop: int, ok: bool) -> None:
             run_in_memory(vecs, weights, counters, dropouts={stage: gone})
         return
     res = run_in_memory(vecs, weights, counters, dropouts={stage: gone})
-    contributed = [n for n in names if n not in gone] if stage in (
-        "advertise", "share", "mask") else names
+    contributed = (
+        [n for n in names if n not in gone] if stage in ("advertise", "share", "mask") else names
+    )
     exp, bound = expected_mean(_cfg(names, 500), vecs, weights, contributed)
     assert np.abs(res.mean - exp).max() <= bound
     assert list(res.survivors) == contributed
@@ -100,8 +101,9 @@ def test_multiple_dropouts_across_stages_with_large_n() -> None:
 def test_uint64_option() -> None:
     names, vecs, weights, counters = _data(4, 300, seed=5)
     res = run_in_memory(vecs, weights, counters, bits=64, frac_bits=40)
-    cfg = RoundConfig("run-1", 1, tuple(names), 300, bits=64, frac_bits=40,
-                      counter_names=("examples", "loss_sum"))
+    cfg = RoundConfig(
+        "run-1", 1, tuple(names), 300, bits=64, frac_bits=40, counter_names=("examples", "loss_sum")
+    )
     exp, bound = expected_mean(cfg, vecs, weights, names)
     assert np.abs(res.mean - exp).max() <= bound
 
