@@ -369,3 +369,13 @@ def test_recording_server_cannot_see_a_vector() -> None:
     for st, _, m in seen:
         if st == "unmask":
             assert not set(m["b_owners"]) & set(m["sk_owners"])
+
+
+def test_honest_server_with_roster_drops_a_tampered_advertisement() -> None:
+    def tap(stage, direction, silo, msg):
+        if stage == "advertise" and direction == "reply" and silo == "echo":
+            msg["signature"] = bytes(64)  # a man in the middle, not the server
+        return msg
+
+    res = _run(tap, server_roster=True)
+    assert "echo" not in res.survivors and len(res.survivors) == 4
