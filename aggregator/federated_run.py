@@ -42,19 +42,20 @@ def build_strategy(plan: TrainingPlan) -> Strategy:
     raise StrategyRefused(f"strategy '{fed.strategy}' is not supported")
 
 
-def initial_arrays(plan: TrainingPlan) -> dict[str, np.ndarray]:
-    """The plan's network, freshly initialised with the plan's seed, as float32 arrays."""
+def initial_model(plan: TrainingPlan) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple]]]:
+    """The plan's network, freshly initialised with the plan's seed: float32 arrays and layout."""
     import torch
 
     from training_plan.models import build_model
 
     torch.manual_seed(plan.training.seed)
     model = build_model(plan.model.name, dict(plan.model.args))
-    return {
+    arrays = {
         k: v.detach().numpy().astype(np.float32, copy=True)
         for k, v in model.state_dict().items()
         if v.is_floating_point()
     }
+    return arrays, [(k, tuple(v.shape)) for k, v in arrays.items()]
 
 
 def default_aggregation(plan: TrainingPlan) -> AggregationStep:
@@ -142,8 +143,9 @@ class FederatedRun:
     def run(self, grid: Grid) -> RunResult:
         """Run every round of the plan; the global model never advances on a failed round."""
         result = RunResult(run_id=self.run_id, plan_hash=self.hash)
-        arrays = initial_arrays(self.plan)
-        save_model(self.out_dir / "rounds" / "round-000.safetensors", arrays)
+        named, self.layout = initial_model(self.plan)
+        save_model(self.out_dir / "rounds" / "round-000.safetensors", named)
+        arrays = {wire.MODEL: wire.pack(named, self.layout)}
         try:
             nodes = self._wait_for_silos(grid)
         except NotEnoughSilos as exc:
@@ -165,9 +167,11 @@ class FederatedRun:
             result.status = "failed"
             self.events.write("run-failed", reason=str(exc).splitlines()[0] if str(exc) else repr(exc))
             raise
-        result.final_arrays = arrays
+        result.final_arrays = wire.unpack(arrays[wire.MODEL], self.layout)
         result.status = "done"
-        save_model(self.out_dir / "final_model.safetensors", arrays, {"plan_hash": self.hash})
+        save_model(
+            self.out_dir / "final_model.safetensors", result.final_arrays, {"plan_hash": self.hash}
+        )
         self.events.write("run-finished", rounds=len(result.rounds))
         return result
 
@@ -181,7 +185,10 @@ class FederatedRun:
             self.strategy.configure_train(server_round, record, self._config(server_round, "train"), grid)
         )
         report = StepReport()
+        timings: dict[str, float] = {}
+        mark = time.monotonic()
         replies = self.aggregation.train(grid, server_round, messages, report)
+        timings["train-exchange"] = time.monotonic() - mark
         if len(report.replied) < needed or not replies:
             reasons = "; ".join(f"{n}: {r}" for n, r in report.refused.items()) or "no replies"
             self.events.write(
@@ -191,11 +198,14 @@ class FederatedRun:
                 f"round {server_round}: {len(report.replied)} of {len(messages)} silos contributed, "
                 f"the plan needs {needed} ({reasons}); the global model was not advanced"
             )
+        mark = time.monotonic()
         new_record, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        timings["aggregate"] = time.monotonic() - mark
         if new_record is None:
             raise RoundFailed(f"round {server_round}: the strategy produced no model")
         new_arrays = dict(zip(new_record.keys(), new_record.to_numpy_ndarrays(), strict=True))
 
+        mark = time.monotonic()
         eval_messages = list(
             self.strategy.configure_evaluate(
                 server_round, new_record, self._config(server_round, "validation"), grid
@@ -205,7 +215,13 @@ class FederatedRun:
         eval_replies = self.aggregation.evaluate(grid, server_round, eval_messages, eval_report)
         eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
 
-        save_model(self.out_dir / "rounds" / f"round-{server_round:03d}.safetensors", new_arrays)
+        timings["evaluate-exchange"] = time.monotonic() - mark
+        if set(new_arrays) != {wire.MODEL}:
+            raise RoundFailed(f"round {server_round}: the strategy returned arrays {sorted(new_arrays)[:3]}")
+        save_model(
+            self.out_dir / "rounds" / f"round-{server_round:03d}.safetensors",
+            wire.unpack(new_arrays[wire.MODEL], self.layout),
+        )
         round_record = RoundRecord(
             round=server_round,
             train_metrics=dict(train_metrics or {}),
@@ -225,6 +241,7 @@ class FederatedRun:
             refused=round_record.refused,
             bytes_received=round_record.bytes_received,
             seconds=round_record.seconds,
+            timings=timings,
             notes=report.notes,
         )
         if self.on_round:

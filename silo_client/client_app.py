@@ -59,8 +59,14 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
             _setup_logging(home)
         except SiloError as exc:
             return error_reply(msg, exc)
+        import time
+
+        started = time.monotonic()
+        log.info("received %s", msg.metadata.message_type)
         try:
-            return handler(msg, context)
+            reply = handler(msg, context)
+            log.info("answered %s in %.1f s", msg.metadata.message_type, time.monotonic() - started)
+            return reply
         except (SiloError, PlanError) as exc:
             log.warning("refused %s: %s", msg.metadata.message_type, exc)
             return error_reply(msg, exc)

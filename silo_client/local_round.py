@@ -16,7 +16,7 @@ import numpy as np
 
 from silo_client.errors import DataError, PlanRefused
 from silo_client.home import SiloHome
-from training_plan import TrainingPlan, plan_hash
+from training_plan import TrainingPlan, plan_hash, wire
 from training_plan.errors import PlanError
 
 if TYPE_CHECKING:
@@ -90,6 +90,11 @@ def build_global_model(plan: TrainingPlan, global_arrays: dict[str, np.ndarray])
     from training_plan.models import build_model
 
     model = build_model(plan.model.name, dict(plan.model.args))
+    if set(global_arrays) == {wire.MODEL}:
+        try:
+            global_arrays = wire.unpack(global_arrays[wire.MODEL], model_layout(model))
+        except ValueError as exc:
+            raise PlanError(f"the global model does not fit the plan's {plan.model.name}: {exc}") from None
     try:
         load_float_state(model, global_arrays)
     except ValueError as exc:
@@ -97,10 +102,23 @@ def build_global_model(plan: TrainingPlan, global_arrays: dict[str, np.ndarray])
     return model
 
 
+def model_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Order and shapes of the network's float tensors: how a packed model vector is laid out."""
+    return [
+        (key, tuple(value.shape))
+        for key, value in model.state_dict().items()
+        if value.is_floating_point()
+    ]
+
+
 def train_round(
     home: SiloHome, plan: TrainingPlan, global_arrays: dict[str, np.ndarray], server_round: int
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
-    """Train locally from the global weights; return the update d = w_local - w_global."""
+    """Train locally from the global weights; return the update d = w_local - w_global.
+
+    The update comes back in the form the global model came in: packed ({"model": vector}) or
+    named tensors.
+    """
     from silo_client.training import float_state, limit_threads, train_local
 
     limit_threads()
@@ -114,7 +132,10 @@ def train_round(
         seed=silo_seed(plan, home.name, server_round),
     )
     local = float_state(model)
-    update = {key: local[key] - global_arrays[key] for key in local}
+    if set(global_arrays) == {wire.MODEL}:
+        update = {wire.MODEL: wire.pack(local, model_layout(model)) - global_arrays[wire.MODEL]}
+    else:
+        update = {key: local[key] - global_arrays[key] for key in local}
     log.info(
         "round %d: trained %d steps on %d examples, mean loss %.4f",
         server_round,

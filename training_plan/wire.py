@@ -34,3 +34,35 @@ ERROR_SECURE_AGG = 4004
 """The silo aborted secure aggregation (a protocol check failed)."""
 ERROR_INTERNAL = 4099
 """Anything else; details stay in the silo's own log."""
+
+MODEL = "model"
+"""The one array of an ArrayRecord on the wire: every float tensor of the network, concatenated.
+
+Flower sends each Array of a record as its own object; a MONAI network has hundreds of tensors,
+and one flat vector crosses the SuperLink several times faster. Both sides derive the layout
+(order and shapes) from the plan's network, so only the vector travels.
+"""
+
+
+def pack(arrays: dict, layout: list[tuple[str, tuple[int, ...]]] | None = None):  # noqa: ANN201
+    """Concatenate named float arrays (in layout order, default: dict order) into one float32 vector."""
+    import numpy as np
+
+    keys = [k for k, _ in layout] if layout is not None else list(arrays)
+    if not keys:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in keys])
+
+
+def unpack(vector, layout: list[tuple[str, tuple[int, ...]]]) -> dict:  # noqa: ANN001
+    """Split a flat vector back into named arrays; raises ValueError when the sizes differ."""
+    import numpy as np
+
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in layout]
+    if int(vector.size) != sum(sizes):
+        raise ValueError(f"model vector has {vector.size} values, the network has {sum(sizes)}")
+    out, start = {}, 0
+    for (key, shape), size in zip(layout, sizes, strict=True):
+        out[key] = vector[start : start + size].reshape(shape)
+        start += size
+    return out
