@@ -141,3 +141,24 @@ def _array(value):  # noqa: ANN001, ANN202
     from flwr.app import Array
 
     return Array(value)
+
+
+# Secure aggregation: one handler per stage and phase ("train.sa_hello", ..., "evaluate.sa_unmask").
+# The stage logic lives in silo_client.secure_round (imported lazily: only the mask stage trains).
+SECURE_STAGES = ("hello", "advertise", "share", "mask", "consistency", "unmask")
+
+
+def _secure_handler(phase: str, stage: str) -> Callable[[Message, Context], Message]:
+    def handler(msg: Message, context: Context) -> Message:
+        from silo_client.secure_round import handle
+
+        return handle(msg, context, phase, stage)
+
+    handler.__name__ = f"secure_{phase}_{stage}"
+    handler.__doc__ = f"Secure aggregation, {phase} phase, {stage} stage."
+    return guarded(handler)
+
+
+for _stage in SECURE_STAGES:
+    app.train(f"sa_{_stage}")(_secure_handler("train", _stage))
+    app.evaluate(f"sa_{_stage}")(_secure_handler("evaluate", _stage))

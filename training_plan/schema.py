@@ -75,8 +75,8 @@ class SecureAggregationSpec(_Strict):
     """Secure-aggregation settings; on by default (a silo's policy may forbid turning it off)."""
 
     enabled: bool = True
-    clip: float = Field(1.0, gt=0, description="per-value clip of the weighted update")
-    fractional_bits: int = Field(16, ge=4, le=40)
+    clip: float = Field(8.0, gt=0, description="per-value clip of a silo's update")
+    fractional_bits: int = Field(22, ge=4, le=40, description="codec default; 63 silos fit k=32")
     field_bits: Literal[32, 64] = 32
     threshold: int | None = Field(None, ge=3, description="Shamir threshold t; default 2n/3+1")
     max_weight: int = Field(100_000, ge=1, description="public cap on a silo's example count")

@@ -1,0 +1,517 @@
+"""Flower adapter of :mod:`secure_agg` (the only module of the package that imports flwr).
+
+Server side: :class:`SecureAggregation`, the ``AggregationStep`` that the round loop
+(``aggregator.federated_run``) calls between a strategy's ``configure_train`` and
+``aggregate_train`` (and the same for evaluation). Silo side: ``silo_client.secure_round``,
+which uses the record helpers below.
+
+Exchanges (one ``grid.send_and_receive`` each; message type ``<phase>.sa_<stage>`` with phase
+``train`` or ``evaluate``)::
+
+    sa_hello        server -> silo: global ArrayRecord + the strategy's ConfigRecord (plan, plan
+                    hash, run id, round) + header; silo -> server: its silo NAME, its identity
+                    public key, the context hash it computed, signed. The silo stores the model
+                    (0600) so that the mask stage trains from exactly the model it hashed.
+    sa_advertise    the protocol's ADVERTISE (participants = the names that said hello) ...
+    sa_share, sa_mask, sa_consistency, sa_unmask    ... the protocol's stages.
+
+Why a hello stage: the protocol's ADVERTISE request already names the participant set U0 (it is
+bound into every silo's signed setup digest), and the server has no roster of its own, so it
+first learns which silo NAME answers on which Flower node. The name is only a routing hint for
+the server; every silo verifies every peer's name and keys against its OWN pinned roster.
+
+Protocol fields travel in a ConfigRecord under :data:`SECAGG` (str, int, bytes and lists of
+them); numpy vectors (the masked upload) in an ArrayRecord under :data:`SECAGG_ARRAYS`.
+
+Failure policy (chosen): when fewer than ``t`` silos remain at any stage, or the round config is
+unusable (e.g. fewer than 3 silos answered), :meth:`SecureAggregation.train` returns ``[]`` and
+records why in ``report.refused`` (per node) and ``report.notes``; ``FederatedRun`` then raises
+``RoundFailed`` and the global model is not advanced. No partial or plain result is ever
+returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from training_plan import wire
+
+from .errors import ConfigurationError, MalformedMessage, ProtocolAbort, SecureAggError
+from .keys import PROTOCOL, Roster, check_name, transcript
+from .messages import STAGES, new_message
+from .protocol import AggregateResult, RoundConfig, ServerCoordinator
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from aggregator.aggregation import StepReport
+    from training_plan import TrainingPlan
+
+log = logging.getLogger("fedsilo.aggregator")
+
+SECAGG = "secagg"
+"""ConfigRecord key of the protocol fields."""
+SECAGG_ARRAYS = "secagg-arrays"
+"""ArrayRecord key of the protocol's numpy fields (the masked vector)."""
+HELLO = "hello"
+ADAPTER_STAGES = (HELLO, *STAGES)
+PHASES = ("train", "evaluate")
+TRAIN_COUNTERS = ("examples", "loss_sum")
+EVAL_COUNTERS = ("examples", "loss_sum", "true_pos", "false_pos", "true_neg", "false_neg")
+_CONTEXT_LABEL = "fedsilo-context/1"
+
+
+def message_type(phase: str, stage: str) -> str:
+    """Flower message type of a stage, e.g. ``train.sa_advertise``."""
+    if phase not in PHASES or stage not in ADAPTER_STAGES:
+        raise ValueError(f"no secure-aggregation message type for {phase!r}/{stage!r}")
+    return f"{phase}.sa_{stage}"
+
+
+def counter_names(phase: str) -> tuple[str, ...]:
+    """Counters summed inside the masked vector in ``phase``."""
+    return TRAIN_COUNTERS if phase == "train" else EVAL_COUNTERS
+
+
+def codec_settings(plan: TrainingPlan) -> dict[str, Any]:
+    """The codec parameters a plan fixes (the server uses them; silos check them)."""
+    spec = plan.secure_aggregation
+    return {
+        "clip": float(spec.clip),
+        "frac_bits": int(spec.fractional_bits),
+        "bits": int(spec.field_bits),
+        "w_max": float(spec.max_weight),
+    }
+
+
+# ------------------------------------------------------------------------ records <-> dicts
+def to_records(msg: Mapping[str, Any]) -> dict[str, ConfigRecord | ArrayRecord]:
+    """A protocol message as records: scalar/list fields -> ConfigRecord, arrays -> ArrayRecord."""
+    plain: dict[str, Any] = {}
+    arrays: dict[str, Array] = {}
+    for key, value in msg.items():
+        if isinstance(value, np.ndarray):
+            arrays[key] = Array(np.ascontiguousarray(value))
+        elif isinstance(value, bytearray):
+            plain[key] = bytes(value)
+        else:
+            plain[key] = list(value) if isinstance(value, tuple) else value
+    out: dict[str, ConfigRecord | ArrayRecord] = {SECAGG: ConfigRecord(plain)}
+    if arrays:
+        out[SECAGG_ARRAYS] = ArrayRecord(arrays)
+    return out
+
+
+def from_content(content: RecordDict) -> dict[str, Any]:
+    """Inverse of :func:`to_records`; MalformedMessage if the records are missing or odd."""
+    try:
+        record = content[SECAGG]
+        if not isinstance(record, ConfigRecord):
+            raise MalformedMessage(f"'{SECAGG}' is not a ConfigRecord")
+        msg: dict[str, Any] = {
+            k: (list(v) if isinstance(v, list) else v) for k, v in record.items()
+        }
+        if SECAGG_ARRAYS in content:
+            arrays = content[SECAGG_ARRAYS]
+            if not isinstance(arrays, ArrayRecord):
+                raise MalformedMessage(f"'{SECAGG_ARRAYS}' is not an ArrayRecord")
+            for key in list(arrays):
+                if key in msg:
+                    raise MalformedMessage(f"field {key!r} is both a config and an array field")
+                msg[key] = arrays[key].numpy()
+        return msg
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # whatever a peer sent, it is a malformed message
+        name = type(exc).__name__
+        raise MalformedMessage(f"unreadable secure-aggregation records ({name})") from None
+
+
+# ------------------------------------------------------------------------ context hash
+def context_hash(
+    keys: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    *,
+    phase: str,
+    plan_hash: str,
+    run_id: str,
+    round_: int,
+) -> bytes:
+    """SHA-256 over the global model (names, dtypes, shapes, bytes) and the round binding.
+
+    Each silo computes it over what it received in the hello stage; equal hashes (checked by
+    every silo in SHARE and signed in CONSISTENCY) mean every silo got the same model and plan.
+    """
+    h = hashlib.sha256(transcript(_CONTEXT_LABEL, run_id, round_, phase, plan_hash, len(keys)))
+    for key, array in zip(keys, arrays, strict=True):
+        a = np.ascontiguousarray(array)
+        h.update(transcript("array", run_id, round_, key, a.dtype.str, list(a.shape), a.nbytes))
+        h.update(memoryview(a).cast("B"))
+    return h.digest()
+
+
+def hello_transcript(
+    run_id: str, round_: int, phase: str, name: str, identity: bytes, ctx: bytes
+) -> bytes:
+    """What a silo signs in its hello reply."""
+    return transcript("hello", run_id, round_, phase, name, identity, ctx)
+
+
+def hello_request(run_id: str, round_: int, phase: str) -> dict[str, Any]:
+    """The header of a hello request (the model and plan travel next to it)."""
+    return new_message(run_id, round_, HELLO, phase=phase)
+
+
+def check_header(msg: Mapping[str, Any], stage: str) -> tuple[str, int]:
+    """Common header checks of any adapter message; returns (run_id, round)."""
+    if msg.get("protocol") != PROTOCOL:
+        raise MalformedMessage(f"not a {PROTOCOL} message")
+    run_id, round_ = msg.get("run_id"), msg.get("round")
+    if not isinstance(run_id, str) or not run_id:
+        raise MalformedMessage("run_id must be a non-empty string")
+    if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+        raise MalformedMessage("round must be a non-negative int")
+    if msg.get("stage") != stage:
+        raise MalformedMessage(f"{msg.get('stage')!r} message received as {stage!r}")
+    return run_id, round_
+
+
+# ------------------------------------------------------------------------ server step
+class _AbortedError(Exception):
+    """Internal: the round cannot go on; ``reason`` is recorded and [] returned."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+
+
+class SecureAggregation:
+    """AggregationStep that runs the secure-aggregation protocol over Flower messages.
+
+    The strategy receives ONE reply (built on a real reply of the last stage) whose arrays are
+    ``global + sum(w_i d_i) / sum(w_i)`` and whose ``num-examples`` is the summed example count:
+    any strategy that only needs the weighted mean (FedAvg) works unchanged. Evaluation sums
+    counters (examples, loss sum, confusion counts) the same way and returns one MetricRecord.
+    """
+
+    name = "secure"
+
+    def __init__(
+        self,
+        *,
+        clip: float = 8.0,
+        frac_bits: int = 22,
+        bits: int = 32,
+        threshold: int | None = None,
+        w_max: float = 100_000.0,
+        clip_warn_fraction: float = 0.01,
+        timeout: float | None = 3600.0,
+        key_timeout: float | None = 600.0,
+        roster: Roster | None = None,
+    ) -> None:
+        self.clip = float(clip)
+        self.frac_bits = int(frac_bits)
+        self.bits = int(bits)
+        self.threshold = threshold
+        self.w_max = float(w_max)
+        self.clip_warn_fraction = float(clip_warn_fraction)
+        self.timeout = timeout
+        self.key_timeout = key_timeout
+        self.roster = roster
+
+    @classmethod
+    def from_plan(cls, plan: TrainingPlan, **kwargs: Any) -> SecureAggregation:
+        """The step with the plan's secure_aggregation settings (``kwargs`` override)."""
+        settings: dict[str, Any] = {
+            **codec_settings(plan),
+            "threshold": plan.secure_aggregation.threshold,
+        }
+        settings.update(kwargs)
+        return cls(**settings)
+
+    # ---------------------------------------------------------------- AggregationStep
+    def train(
+        self, grid: Grid, server_round: int, messages: list[Message], report: StepReport
+    ) -> list[Message]:
+        """Securely aggregate the silos' updates; return one reply with the mean model."""
+        return self._run(grid, server_round, messages, report, "train")
+
+    def evaluate(
+        self, grid: Grid, server_round: int, messages: list[Message], report: StepReport
+    ) -> list[Message]:
+        """Securely sum the silos' evaluation counts; return one reply with the metrics."""
+        return self._run(grid, server_round, messages, report, "evaluate")
+
+    # ---------------------------------------------------------------- internals
+    def _run(
+        self,
+        grid: Grid,
+        server_round: int,
+        messages: list[Message],
+        report: StepReport,
+        phase: str,
+    ) -> list[Message]:
+        if not messages:
+            return []
+        exchange = _Exchange(self, grid, server_round, report, phase)
+        try:
+            return exchange.run(messages)
+        except _AbortedError as exc:
+            note = f"secure {phase} round {server_round} aborted at {exc.stage}: {exc.reason}"
+            log.warning(note)
+            report.notes.append(note)
+            for node in exchange.active_nodes():
+                report.refused.setdefault(node, f"round aborted at {exc.stage}: {exc.reason}")
+            report.replied.clear()
+            return []
+
+
+class _Exchange:
+    """One phase (train or evaluate) of one round: the stage-by-stage message exchange."""
+
+    def __init__(
+        self, step: SecureAggregation, grid: Grid, server_round: int, report: StepReport, phase: str
+    ) -> None:
+        self.step = step
+        self.grid = grid
+        self.round = server_round
+        self.report = report
+        self.phase = phase
+        self.node_of: dict[str, int] = {}
+        self.name_of: dict[int, str] = {}
+        self.nodes: list[int] = []
+        self.active: set[str] = set()
+
+    def active_nodes(self) -> list[int]:
+        if self.active:
+            return [self.node_of[n] for n in sorted(self.active)]
+        return [n for n in self.nodes if n not in self.report.refused]
+
+    def _refuse(self, node: int, reason: str) -> None:
+        self.report.refused[node] = reason
+        name = self.name_of.get(node)
+        if name is not None:
+            self.active.discard(name)
+        log.warning("silo node %s out of the secure round: %s", node, reason)
+
+    def _send(
+        self, stage: str, contents: Mapping[int, RecordDict], timeout: float | None
+    ) -> dict[int, tuple[Message, dict[str, Any]]]:
+        """Send one stage; error replies and silence count as dropouts (recorded)."""
+        from aggregator.aggregation import content_bytes
+
+        mtype = message_type(self.phase, stage)
+        out = [
+            Message(content=c, message_type=mtype, dst_node_id=node, group_id=str(self.round))
+            for node, c in contents.items()
+        ]
+        got: dict[int, tuple[Message, dict[str, Any]]] = {}
+        for reply in self.grid.send_and_receive(out, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if node not in contents or node in got:
+                continue
+            if reply.has_error():
+                reason = reply.error.reason or f"error code {reply.error.code}"
+                self._refuse(node, f"{stage}: {reason}")
+                continue
+            self.report.bytes_received += content_bytes(reply.content)
+            try:
+                got[node] = (reply, from_content(reply.content))
+            except ProtocolAbort as exc:
+                self._refuse(node, f"{stage}: {exc.reason}")
+        for node in contents:
+            if node not in got and node not in self.report.refused:
+                self._refuse(node, f"{stage}: no reply (dropped out)")
+        return got
+
+    def _send_protocol(
+        self, stage: str, requests: Mapping[str, dict[str, Any]], timeout: float | None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Message]]:
+        contents = {
+            self.node_of[name]: RecordDict(to_records(req)) for name, req in requests.items()
+        }
+        got = self._send(stage, contents, timeout)
+        replies = {self.name_of[node]: msg for node, (_, msg) in got.items()}
+        messages = {self.name_of[node]: reply for node, (reply, _) in got.items()}
+        return replies, messages
+
+    def _hello(self, messages: list[Message], run_id: str) -> None:
+        header = ConfigRecord(hello_request(run_id, self.round, self.phase))
+        contents = {}
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.nodes.append(node)
+            contents[node] = RecordDict(
+                {
+                    wire.ARRAYS: m.content[wire.ARRAYS],
+                    wire.CONFIG: m.content[wire.CONFIG],
+                    SECAGG: header,
+                }
+            )
+        got = self._send(HELLO, contents, self.step.timeout)
+        claims: dict[str, list[int]] = {}
+        for node, (_, msg) in got.items():
+            try:
+                check_header(msg, HELLO)
+                if msg["run_id"] != run_id or msg["round"] != self.round:
+                    raise MalformedMessage("hello reply of another run or round")
+                name = check_name(msg.get("silo"))
+                identity, ctx, sig = (
+                    msg.get("identity"),
+                    msg.get("context_hash"),
+                    msg.get("signature"),
+                )
+                if not all(isinstance(x, bytes) for x in (identity, ctx, sig)):
+                    raise MalformedMessage("hello reply misses identity, context_hash or signature")
+                if self.step.roster is not None:
+                    if self.step.roster.get(name) != identity:
+                        raise ProtocolAbort(f"identity key of {name!r} is not the roster's")
+                    self.step.roster.verify(
+                        name,
+                        hello_transcript(run_id, self.round, self.phase, name, identity, ctx),
+                        sig,
+                    )
+            except (SecureAggError, KeyError, TypeError) as exc:
+                reason = exc.reason if isinstance(exc, ProtocolAbort) else str(exc)
+                self._refuse(node, f"{HELLO}: {reason}")
+                continue
+            claims.setdefault(name, []).append(node)
+        for name, nodes in sorted(claims.items()):
+            if len(nodes) > 1:
+                for node in nodes:
+                    self._refuse(node, f"{HELLO}: silo name {name!r} claimed by several nodes")
+                continue
+            self.node_of[name] = nodes[0]
+            self.name_of[nodes[0]] = name
+            self.active.add(name)
+
+    def _reject(self, coordinator: ServerCoordinator, answered: Iterable[str]) -> None:
+        for name in answered:
+            if name in coordinator.rejected and name in self.active:
+                self._refuse(self.node_of[name], coordinator.rejected[name])
+
+    def run(self, messages: list[Message]) -> list[Message]:
+        first = messages[0]
+        global_record = first.content[wire.ARRAYS]
+        run_id = str(first.content[wire.CONFIG][wire.RUN_ID])
+        keys = list(global_record.keys())
+        arrays = [np.asarray(a) for a in global_record.to_numpy_ndarrays()]
+        length = int(sum(a.size for a in arrays)) if self.phase == "train" else 0
+
+        self._hello(messages, run_id)
+        step = self.step
+        try:
+            cfg = RoundConfig(
+                run_id=run_id,
+                round=self.round,
+                participants=tuple(sorted(self.active)),
+                vector_length=length,
+                threshold=step.threshold,
+                clip=step.clip,
+                frac_bits=step.frac_bits,
+                bits=step.bits,
+                w_max=step.w_max,
+                counter_names=counter_names(self.phase),
+                clip_warn_fraction=step.clip_warn_fraction,
+            )
+        except SecureAggError as exc:
+            raise _AbortedError(HELLO, f"{len(self.active)} silo(s) answered: {exc}") from None
+        coordinator = ServerCoordinator(cfg, step.roster)
+        stage = "advertise"
+        try:
+            reqs = coordinator.advertise_requests()
+            for stage, collect, timeout in (
+                ("advertise", coordinator.collect_advertisements, step.key_timeout),
+                ("share", coordinator.collect_shares, step.key_timeout),
+                ("mask", coordinator.collect_masked, step.timeout),
+                ("consistency", coordinator.collect_consistency, step.key_timeout),
+            ):
+                replies, _ = self._send_protocol(stage, reqs, timeout)
+                reqs = collect(replies)
+                self._reject(coordinator, replies)
+                for name in list(self.active):
+                    if name not in reqs:
+                        self._refuse(self.node_of[name], f"{stage}: not continued")
+            stage = "unmask"
+            replies, carriers = self._send_protocol(stage, reqs, step.key_timeout)
+            result = coordinator.collect_unmask(replies)
+            self._reject(coordinator, replies)
+        except SecureAggError as exc:
+            self._reject(coordinator, coordinator.rejected)
+            reason = exc.reason if isinstance(exc, ProtocolAbort) else str(exc)
+            raise _AbortedError(stage, reason) from None
+
+        # Contributors are U3 (their vectors are in the sum), even if one missed the unmask.
+        self.report.replied[:] = [self.node_of[n] for n in result.survivors]
+        for name in result.dropped:
+            self.report.refused.setdefault(self.node_of[name], "mask: dropped out after sharing")
+        for warning in result.warnings:
+            note = f"secure {self.phase} round {self.round}: {warning}"
+            log.warning(note)
+            self.report.notes.append(note)
+        carrier = carriers[sorted(carriers)[0]]
+        counters = result.counters
+        examples = float(counters.get("examples", result.weight_sum))
+        if self.phase == "train":
+            return [self._train_reply(carrier, keys, arrays, result, examples)]
+        return [self._eval_reply(carrier, counters, examples, result)]
+
+    def _train_reply(
+        self,
+        carrier: Message,
+        keys: list[str],
+        arrays: list[np.ndarray],
+        result: AggregateResult,
+        examples: float,
+    ) -> Message:
+        from aggregator.aggregation import mean_reply
+
+        mean = np.asarray(result.mean, dtype=np.float32)
+        model: dict[str, np.ndarray] = {}
+        offset = 0
+        for key, array in zip(keys, arrays, strict=True):
+            n = array.size
+            delta = mean[offset : offset + n].reshape(array.shape)
+            model[key] = (array.astype(np.float32) + delta).astype(np.float32)
+            offset += n
+        if offset != mean.size:
+            raise ConfigurationError("decoded vector does not fit the global model")
+        metrics = {
+            "train-loss": result.counters.get("loss_sum", 0.0) / max(examples, 1.0),
+            "clipped-fraction": float(result.clipped_fraction),
+            "secure-contributors": len(result.survivors),
+            "secure-dropped": len(result.dropped),
+        }
+        return mean_reply(carrier, model, examples, metrics)
+
+    def _eval_reply(
+        self,
+        carrier: Message,
+        counters: Mapping[str, float],
+        examples: float,
+        result: AggregateResult,
+    ) -> Message:
+        from flwr.app import MetricRecord
+
+        total = max(examples, 1.0)
+        tp, fp = counters.get("true_pos", 0.0), counters.get("false_pos", 0.0)
+        tn, fn = counters.get("true_neg", 0.0), counters.get("false_neg", 0.0)
+        metrics = MetricRecord(
+            {
+                wire.NUM_EXAMPLES: float(examples),
+                "eval-loss": counters.get("loss_sum", 0.0) / total,
+                "eval-accuracy": (tp + tn) / total,
+                "eval-sensitivity": tp / max(tp + fn, 1.0),
+                "eval-specificity": tn / max(tn + fp, 1.0),
+                "secure-contributors": len(result.survivors),
+            }
+        )
+        carrier.content = RecordDict({wire.METRICS: metrics})
+        return carrier

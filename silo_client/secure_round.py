@@ -1,0 +1,425 @@
+"""The silo's side of a securely aggregated round: one handler per stage message.
+
+Message types ``train.sa_<stage>`` / ``evaluate.sa_<stage>`` (see ``secure_agg.flower``)::
+
+    hello        check the plan, store the received global model (0600) and compute the context
+                 hash over it; reply our name, signed. Stale files of earlier rounds are wiped.
+    advertise    check the round config against the approved plan, make round keys; state saved
+    share        verify peers against OUR roster, deal encrypted shares
+    mask         train (or evaluate) from exactly the stored model; upload the masked vector
+    consistency  sign the survivor set
+    unmask       reveal shares, then wipe the state and delete every file of the round
+
+Each message runs in a fresh ClientApp process, so the round state travels between stages in
+``<home>/secagg/<run>-<round>-<phase>.state`` (0600, written atomically, overwritten with zeros
+before deletion). Any protocol refusal is an error reply with code ``ERROR_SECURE_AGG`` and a
+one-line reason, and wipes the round's files. Only the mask stage imports torch (to train).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+
+from secure_agg import (
+    ClientState,
+    ConfigurationError,
+    MalformedMessage,
+    ProtocolAbort,
+    ReplayDetected,
+    RoundConfig,
+    SecAggClient,
+    SecureAggError,
+)
+from secure_agg.flower import (
+    HELLO,
+    check_header,
+    codec_settings,
+    context_hash,
+    counter_names,
+    from_content,
+    hello_transcript,
+    to_records,
+)
+from secure_agg.messages import validate
+from silo_client.errors import PlanRefused, SiloConfigError
+from silo_client.home import SiloHome, write_atomic
+from silo_client.identity import load_identity, load_roster
+from training_plan import TrainingPlan, wire
+
+log = logging.getLogger("fedsilo.silo")
+
+STALE_SECONDS = 3600.0
+"""Files of OTHER runs older than this are wiped at the next hello (same run: always)."""
+_SUFFIXES = (".state", ".global.npz", ".context.json")
+_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+
+
+def _safe_run(run_id: str) -> str:
+    if _SAFE.match(run_id):
+        return run_id
+    return "h" + hashlib.sha256(run_id.encode()).hexdigest()[:24]
+
+
+class RoundFiles:
+    """The files one (run, round, phase) keeps in ``<home>/secagg``."""
+
+    def __init__(self, home: SiloHome, run_id: str, round_: int, phase: str) -> None:
+        self.dir = home.secagg_dir
+        self.run_prefix = _safe_run(run_id) + "-"
+        self.stem = f"{_safe_run(run_id)}-{int(round_)}-{phase}"
+        self.state = self.dir / f"{self.stem}.state"
+        self.global_npz = self.dir / f"{self.stem}.global.npz"
+        self.context = self.dir / f"{self.stem}.context.json"
+
+    # ---------------------------------------------------------------- writing
+    def _prepare_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+
+    def save_global(
+        self, keys: list[str], arrays: list[np.ndarray], context: dict[str, Any]
+    ) -> None:
+        """Store the received model and what the later stages need to know about it."""
+        self._prepare_dir()
+        buf = io.BytesIO()
+        np.savez(buf, *arrays)
+        write_atomic(self.global_npz, buf.getvalue(), mode=0o600)
+        write_atomic(self.context, json.dumps({**context, "keys": keys}).encode(), mode=0o600)
+
+    def save_state(self, state: ClientState) -> None:
+        """Persist the round state (secrets) 0600; the in-memory copy is wiped."""
+        self._prepare_dir()
+        blob = state.to_bytes()
+        try:
+            write_atomic(self.state, blob, mode=0o600)
+        finally:
+            blob[:] = bytes(len(blob))
+            state.wipe()
+
+    # ---------------------------------------------------------------- reading
+    def load_context(self) -> dict[str, Any]:
+        """The hello stage's record of this round; ReplayDetected if there is none."""
+        try:
+            return json.loads(self.context.read_text())
+        except FileNotFoundError:
+            raise ReplayDetected(
+                f"no secure-aggregation round {self.stem} in progress here (never started, "
+                f"finished or wiped)"
+            ) from None
+        except ValueError:
+            raise MalformedMessage(f"round record {self.context.name} is damaged") from None
+
+    def load_global(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """The global model stored at hello, by key, in the received order."""
+        with np.load(self.global_npz, allow_pickle=False) as data:
+            arrays = [data[f"arr_{i}"] for i in range(len(keys))]
+        return dict(zip(keys, arrays, strict=True))
+
+    def load_state(self, name: str, run_id: str, round_: int) -> ClientState:
+        """The round state saved by the previous stage."""
+        try:
+            blob = bytearray(self.state.read_bytes())
+        except FileNotFoundError:
+            raise ReplayDetected(
+                f"no secure-aggregation state for round {self.stem} (never advertised or wiped)"
+            ) from None
+        try:
+            state = ClientState.from_bytes(blob)
+        finally:
+            blob[:] = bytes(len(blob))
+        if state.name != name or state.run_id != run_id or state.round != round_:
+            state.wipe()
+            raise ReplayDetected(f"state file {self.state.name} belongs to another round")
+        return state
+
+    # ---------------------------------------------------------------- wiping
+    def wipe(self) -> None:
+        """Overwrite the state with zeros and delete every file of this round."""
+        for path in (self.state, self.global_npz, self.context):
+            _shred(path)
+
+    def remove_stale(self, now: float | None = None) -> list[Path]:
+        """Wipe other rounds' files: of this run always, of other runs once they are stale."""
+        now = time.time() if now is None else now
+        removed = []
+        if not self.dir.is_dir():
+            return removed
+        for path in self.dir.iterdir():
+            name = path.name
+            if name.startswith(self.stem + "."):
+                continue
+            ours = name.endswith(_SUFFIXES) or (name.startswith(".") and name.endswith(".tmp"))
+            if not ours or not path.is_file():
+                continue
+            same_run = name.startswith(self.run_prefix) or name.startswith("." + self.run_prefix)
+            try:
+                old = now - path.stat().st_mtime > STALE_SECONDS
+            except FileNotFoundError:
+                continue
+            if same_run or old:
+                _shred(path)
+                removed.append(path)
+        return removed
+
+
+def _shred(path: Path) -> None:
+    """Best effort: overwrite with zeros, then unlink."""
+    try:
+        size = path.stat().st_size
+        with open(path, "r+b") as handle:
+            handle.write(bytes(size))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ handlers
+def _client(home: SiloHome, plan: TrainingPlan) -> SecAggClient:
+    identity, roster = load_identity(home), load_roster(home)
+    try:
+        return SecAggClient(
+            home.name, identity, roster, min_threshold=plan.secure_aggregation.threshold
+        )
+    except ConfigurationError as exc:
+        raise SiloConfigError(
+            f"secure-aggregation identity of silo '{home.name}' does not match its roster "
+            f"({exc}); run 'silo join --home {home.root}' again"
+        ) from None
+
+
+def _plan(plan_json: str, claimed: str) -> TrainingPlan:
+    from silo_client.local_round import plan_from_wire
+
+    return plan_from_wire(plan_json, claimed)
+
+
+def _reply(msg: Message, fields: dict[str, Any]) -> Message:
+    return Message(RecordDict(to_records(fields)), reply_to=msg)
+
+
+def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> Message:
+    run_id, round_ = check_header(header, HELLO)
+    if header.get("phase") != phase or set(header) != {
+        "protocol",
+        "run_id",
+        "round",
+        "stage",
+        "phase",
+    }:
+        raise MalformedMessage(f"hello header does not fit a {phase} round")
+    files = RoundFiles(home, run_id, round_, phase)
+    for path in files.remove_stale():
+        log.info("wiped stale secure-aggregation file %s", path.name)
+    try:
+        config = msg.content[wire.CONFIG]
+        record = msg.content[wire.ARRAYS]
+        if not isinstance(config, ConfigRecord) or not isinstance(record, ArrayRecord):
+            raise KeyError(wire.CONFIG)
+        plan_json, claimed = str(config[wire.PLAN_JSON]), str(config[wire.PLAN_HASH])
+        config_run, config_round = str(config[wire.RUN_ID]), int(config[wire.ROUND])
+    except KeyError as exc:
+        raise PlanRefused(
+            f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?"
+        ) from None
+    plan = _plan(plan_json, claimed)
+    if (config_run, config_round) != (run_id, round_):
+        raise MalformedMessage(
+            f"the plan's binding (run {config_run!r}, round {config_round}) differs from the "
+            f"secure-aggregation header (run {run_id!r}, round {round_})"
+        )
+    keys = list(record.keys())
+    arrays = [np.ascontiguousarray(a) for a in record.to_numpy_ndarrays()]
+    bad = [k for k, a in zip(keys, arrays, strict=True) if a.dtype != np.float32]
+    if bad:
+        raise MalformedMessage(f"global model arrays must be float32 ({bad[0]!r} is not)")
+    client = _client(home, plan)
+    ctx = context_hash(keys, arrays, phase=phase, plan_hash=claimed, run_id=run_id, round_=round_)
+    files.save_global(
+        keys,
+        arrays,
+        {"plan_json": plan_json, "plan_hash": claimed, "context_hash": ctx.hex(), "phase": phase},
+    )
+    identity = client.identity.public_bytes
+    log.info("secure %s round %d: received the global model (%d arrays)", phase, round_, len(keys))
+    return _reply(
+        msg,
+        {
+            **header,
+            "silo": home.name,
+            "identity": identity,
+            "context_hash": ctx,
+            "signature": client.identity.sign(
+                hello_transcript(run_id, round_, phase, home.name, identity, ctx)
+            ),
+        },
+    )
+
+
+def _check_round_config(cfg: RoundConfig, plan: TrainingPlan, phase: str, length: int) -> None:
+    """The server's codec config must be the approved plan's, for this model."""
+    want = codec_settings(plan)
+    got = {"clip": cfg.clip, "frac_bits": cfg.frac_bits, "bits": cfg.bits, "w_max": cfg.w_max}
+    diff = sorted(k for k in want if float(want[k]) != float(got[k]))
+    if diff:
+        raise ProtocolAbort(
+            f"the round's codec settings {diff} differ from the approved plan's; refusing"
+        )
+    if cfg.vector_length != length:
+        raise ProtocolAbort(
+            f"the round announces a vector of {cfg.vector_length} values, the model we received "
+            f"has {length}"
+        )
+    if tuple(cfg.counter_names) != counter_names(phase):
+        raise ProtocolAbort(f"unexpected counters {list(cfg.counter_names)} in a {phase} round")
+
+
+def _flat_length(files: RoundFiles, context: dict[str, Any]) -> int:
+    with np.load(files.global_npz, allow_pickle=False) as data:
+        return int(sum(data[f"arr_{i}"].size for i in range(len(context["keys"]))))
+
+
+def _stage(
+    home: SiloHome, msg: Message, phase: str, stage: str, request: dict[str, Any], files: RoundFiles
+) -> Message:
+    run_id, round_ = request["run_id"], request["round"]
+    context = files.load_context()
+    if context.get("phase") != phase:
+        raise ReplayDetected(f"round {files.stem} is not a {phase} round")
+    plan = _plan(context["plan_json"], context["plan_hash"])
+    client = _client(home, plan)
+    if stage == "advertise":
+        msg_ = validate(request, "advertise", "request")
+        cfg = RoundConfig.from_request(msg_)
+        length = _flat_length(files, context) if phase == "train" else 0
+        _check_round_config(cfg, plan, phase, length)
+        state, reply = client.advertise(msg_, bytes.fromhex(context["context_hash"]))
+        files.save_state(state)
+        return _reply(msg, reply)
+    state = files.load_state(home.name, run_id, round_)
+    try:
+        if stage == "share":
+            reply = client.share(state, request)
+        elif stage == "mask":
+            vector, weight, counters = _local_vector(home, plan, files, context, phase, round_)
+            reply = client.mask(state, request, vector, weight, counters)
+        elif stage == "consistency":
+            reply = client.consistency(state, request)
+        elif stage == "unmask":
+            reply = client.unmask(state, request)
+            files.wipe()
+            log.info("secure %s round %d: shares revealed, round state wiped", phase, round_)
+            return _reply(msg, reply)
+        else:  # pragma: no cover - registration bug
+            raise MalformedMessage(f"unknown stage {stage!r}")
+    except BaseException:
+        state.wipe()
+        raise
+    files.save_state(state)
+    return _reply(msg, reply)
+
+
+def _local_vector(
+    home: SiloHome,
+    plan: TrainingPlan,
+    files: RoundFiles,
+    context: dict[str, Any],
+    phase: str,
+    round_: int,
+) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Train (or evaluate) from the stored model; the vector, weight and counters to mask."""
+    keys = list(context["keys"])
+    global_arrays = files.load_global(keys)
+    w_max = float(plan.secure_aggregation.max_weight)
+    if phase == "train":
+        from silo_client.local_round import train_round
+
+        update, result = train_round(home, plan, global_arrays, round_)
+        if set(update) != set(keys):
+            raise PlanRefused("the trained model's arrays differ from the global model's")
+        vector = (
+            np.concatenate([np.asarray(update[k], dtype=np.float32).ravel() for k in keys])
+            if keys
+            else np.zeros(0, np.float32)
+        )
+        examples = int(result.num_examples)
+        counters = {"examples": float(examples), "loss_sum": float(result.mean_loss) * examples}
+    else:
+        from silo_client.local_round import evaluate_round
+
+        sums = evaluate_round(home, plan, global_arrays)
+        vector = np.zeros(0, np.float32)
+        examples = int(sums.num_examples)
+        counters = {
+            "examples": float(examples),
+            "loss_sum": float(sums.loss_sum),
+            "true_pos": float(sums.true_pos),
+            "false_pos": float(sums.false_pos),
+            "true_neg": float(sums.true_neg),
+            "false_neg": float(sums.false_neg),
+        }
+    weight = float(min(examples, w_max))
+    if examples > w_max:
+        log.warning(
+            "secure %s round %d: %d examples exceed the plan's max_weight %d; weight capped",
+            phase,
+            round_,
+            examples,
+            int(w_max),
+        )
+    return vector, weight, counters
+
+
+def _error(msg: Message, exc: SecureAggError) -> Message:
+    reason = exc.reason if isinstance(exc, ProtocolAbort) else str(exc)
+    reason = reason.splitlines()[0] if reason else type(exc).__name__
+    return Message(
+        Error(code=wire.ERROR_SECURE_AGG, reason=f"secure aggregation: {reason}"), reply_to=msg
+    )
+
+
+def handle(msg: Message, context: Context, phase: str, stage: str) -> Message:
+    """Answer one secure-aggregation stage message (called by the ClientApp)."""
+    home = SiloHome.from_node_config(context.node_config)
+    files: RoundFiles | None = None
+    try:
+        request = from_content(msg.content)
+        if stage == HELLO:
+            return _hello(home, msg, phase, request)
+        run_id, round_ = check_header(request, stage)
+        files = RoundFiles(home, run_id, round_, phase)
+        return _stage(home, msg, phase, stage, request, files)
+    except SecureAggError as exc:
+        log.warning("secure %s %s refused: %s", phase, stage, exc)
+        _wipe_after_failure(home, files, msg)
+        return _error(msg, exc)
+    except BaseException:
+        _wipe_after_failure(home, files, msg)
+        raise
+
+
+def _wipe_after_failure(home: SiloHome, files: RoundFiles | None, msg: Message) -> None:
+    """On any refusal or failure the round is over for us: wipe its files."""
+    if files is None:
+        try:
+            header = from_content(msg.content)
+            files = RoundFiles(home, str(header["run_id"]), int(header["round"]), _phase_of(msg))
+        except (SecureAggError, KeyError, TypeError, ValueError):
+            return
+    files.wipe()
+
+
+def _phase_of(msg: Message) -> str:
+    return msg.metadata.message_type.split(".", 1)[0]
