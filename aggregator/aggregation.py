@@ -62,8 +62,13 @@ def split_replies(replies: Iterable[Message], report: StepReport) -> list[Messag
         else:
             good.append(reply)
             report.replied.append(node)
-            report.bytes_received += reply.content.count_bytes()
+            report.bytes_received += content_bytes(reply.content)
     return good
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of array data in a reply (what dominates the wire)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
 
 
 class PlainAggregation:
@@ -86,7 +91,9 @@ class PlainAggregation:
         if not messages:
             return []
         global_record = messages[0].content[wire.ARRAYS]
-        global_arrays = dict(zip(global_record.keys(), global_record.to_numpy_ndarrays(), strict=True))
+        global_arrays = dict(
+            zip(global_record.keys(), global_record.to_numpy_ndarrays(), strict=True)
+        )
         replies = split_replies(grid.send_and_receive(messages, timeout=self.timeout), report)
         rebuilt = []
         for reply in replies:
@@ -123,7 +130,9 @@ def mean_reply(
     """
     carrier.content = RecordDict(
         {
-            wire.ARRAYS: ArrayRecord({k: Array(v.astype(np.float32)) for k, v in mean_arrays.items()}),
+            wire.ARRAYS: ArrayRecord(
+                {k: Array(v.astype(np.float32)) for k, v in mean_arrays.items()}
+            ),
             wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: float(total_weight), **metrics}),
         }
     )

@@ -27,7 +27,9 @@ def _atomic(path: Path, write: Any) -> None:
         raise
 
 
-def save_model(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+def save_model(
+    path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     """Save float arrays as safetensors, atomically."""
     from safetensors.numpy import save_file
 

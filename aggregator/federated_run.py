@@ -165,7 +165,9 @@ class FederatedRun:
                 arrays = self._one_round(grid, server_round, arrays, result)
         except Exception as exc:
             result.status = "failed"
-            self.events.write("run-failed", reason=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            self.events.write(
+                "run-failed", reason=str(exc).splitlines()[0] if str(exc) else repr(exc)
+            )
             raise
         result.final_arrays = wire.unpack(arrays[wire.MODEL], self.layout)
         result.status = "done"
@@ -182,7 +184,9 @@ class FederatedRun:
         needed = self.plan.federation.min_silos
         record = ArrayRecord({k: _array(v) for k, v in arrays.items()})
         messages = list(
-            self.strategy.configure_train(server_round, record, self._config(server_round, "train"), grid)
+            self.strategy.configure_train(
+                server_round, record, self._config(server_round, "train"), grid
+            )
         )
         report = StepReport()
         timings: dict[str, float] = {}
@@ -192,10 +196,14 @@ class FederatedRun:
         if len(report.replied) < needed or not replies:
             reasons = "; ".join(f"{n}: {r}" for n, r in report.refused.items()) or "no replies"
             self.events.write(
-                "round-failed", round=server_round, replied=len(report.replied), refused=_str_keys(report.refused)
+                "round-failed",
+                round=server_round,
+                replied=len(report.replied),
+                refused=_str_keys(report.refused),
             )
             raise RoundFailed(
-                f"round {server_round}: {len(report.replied)} of {len(messages)} silos contributed, "
+                f"round {server_round}: {len(report.replied)} of {len(messages)} silos "
+                f"contributed, "
                 f"the plan needs {needed} ({reasons}); the global model was not advanced"
             )
         mark = time.monotonic()
@@ -213,11 +221,15 @@ class FederatedRun:
         )
         eval_report = StepReport()
         eval_replies = self.aggregation.evaluate(grid, server_round, eval_messages, eval_report)
-        eval_metrics = self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
+        eval_metrics = (
+            self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
+        )
 
         timings["evaluate-exchange"] = time.monotonic() - mark
         if set(new_arrays) != {wire.MODEL}:
-            raise RoundFailed(f"round {server_round}: the strategy returned arrays {sorted(new_arrays)[:3]}")
+            raise RoundFailed(
+                f"round {server_round}: the strategy returned arrays {sorted(new_arrays)[:3]}"
+            )
         save_model(
             self.out_dir / "rounds" / f"round-{server_round:03d}.safetensors",
             wire.unpack(new_arrays[wire.MODEL], self.layout),
@@ -253,7 +265,7 @@ def _str_keys(mapping: dict[int, str]) -> dict[str, str]:
     return {str(k): v for k, v in mapping.items()}
 
 
-def _array(value: np.ndarray):  # noqa: ANN202
+def _array(value: np.ndarray):
     from flwr.app import Array
 
     return Array(np.ascontiguousarray(value, dtype=np.float32))

@@ -1,4 +1,4 @@
-"""`fedsilo`: the front door. Mounts the silo and aggregator CLIs and adds plan tools, synth, demo."""
+"""`fedsilo`: the front door. Mounts the silo and aggregator CLIs; plan tools, synth, demo."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def demo(
     images_per_hospital: int = typer.Option(160, "--images-per-hospital", min=20, max=5000),
     seed: int = typer.Option(0, "--seed", help="Seed for data, model and training."),
     timeout: float = typer.Option(1200.0, "--timeout", help="Give up after this many seconds."),
+    plan: Path = typer.Option(None, "--plan", help="Plan YAML (default: the bundled demo plan)."),
 ) -> None:
     """Run a whole consortium on this machine: synthetic hospitals, real Flower processes."""
     from fedsilo.demo import DemoSettings, run_demo
@@ -51,12 +52,15 @@ def demo(
             rounds=rounds,
             seed=seed,
             timeout=timeout,
+            **({"plan_path": plan} if plan else {}),
         ),
         console=console,
     )
     console.print(f"Wrote {out}/summary.json, metrics.csv, metrics.png and final_model.safetensors")
     if not summary["federated_beats_mean_local"]:
-        console.print("[yellow]Note: this run's federated AUC did not beat the mean local-only AUC.")
+        console.print(
+            "[yellow]Note: this run's federated AUC did not beat the mean local-only AUC."
+        )
 
 
 @app.command()
@@ -129,7 +133,7 @@ _mount_role_clis()
 
 
 def run_cli(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...]) -> None:
-    """Run a typer app: user errors print one line on stderr and exit 2; --debug shows tracebacks."""
+    """Run a typer app: user errors print one line and exit 2; --debug shows tracebacks."""
     debug = "--debug" in sys.argv or os.environ.get("FEDSILO_DEBUG") == "1"
     try:
         typer_app(standalone_mode=False)

@@ -48,7 +48,10 @@ def _plan_for_demo(settings: DemoSettings, workdir: Path) -> tuple[TrainingPlan,
     plan = load_plan(settings.plan_path)
     changes: dict = {}
     federation = plan.federation.model_copy(
-        update={"min_silos": settings.hospitals, **({"rounds": settings.rounds} if settings.rounds else {})}
+        update={
+            "min_silos": settings.hospitals,
+            **({"rounds": settings.rounds} if settings.rounds else {}),
+        }
     )
     changes["federation"] = federation
     changes["training"] = plan.training.model_copy(update={"seed": settings.seed})
@@ -61,7 +64,9 @@ def _plan_for_demo(settings: DemoSettings, workdir: Path) -> tuple[TrainingPlan,
     return plan, path
 
 
-def _evaluate_arrays(plan: TrainingPlan, arrays: dict[str, np.ndarray], images, labels) -> tuple[float, float]:
+def _evaluate_arrays(
+    plan: TrainingPlan, arrays: dict[str, np.ndarray], images, labels
+) -> tuple[float, float]:
     from silo_client.local_round import build_global_model
     from silo_client.training import auc, evaluate_sums, predict_scores
 
@@ -76,7 +81,7 @@ def _local_only(plan: TrainingPlan, home, test_images, test_labels, seed_base: i
     import torch
 
     from silo_client.local_round import load_local_data, silo_seed
-    from silo_client.training import auc, float_state, predict_scores, train_local
+    from silo_client.training import auc, predict_scores, train_local
     from training_plan.models import build_model
 
     torch.manual_seed(plan.training.seed)
@@ -85,14 +90,17 @@ def _local_only(plan: TrainingPlan, home, test_images, test_labels, seed_base: i
     aucs = []
     for server_round in range(1, plan.federation.rounds + 1):
         train_local(
-            model, data.train_images, data.train_labels, plan.training, silo_seed(plan, home.name, server_round)
+            model,
+            data.train_images,
+            data.train_labels,
+            plan.training,
+            silo_seed(plan, home.name, server_round),
         )
         aucs.append(auc(predict_scores(model, test_images), test_labels.numpy()))
-    _ = float_state  # the same state extraction the silos use; kept for symmetry with federated runs
     return aucs
 
 
-def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
+def run_demo(settings: DemoSettings, console=None) -> dict:
     """Run the whole demo; returns the summary also written to summary.json."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -120,16 +128,23 @@ def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
             image_size=max(64, plan.preprocessing.input_size),
         )
         test_dir = work / "pooled-test"
-        generate_test_set(test_dir, n=settings.test_images, seed=settings.seed + 10_000,
-                          hospitals=settings.hospitals, difficulty=settings.difficulty,
-                          image_size=max(64, plan.preprocessing.input_size))
+        generate_test_set(
+            test_dir,
+            n=settings.test_images,
+            seed=settings.seed + 10_000,
+            hospitals=settings.hospitals,
+            difficulty=settings.difficulty,
+            image_size=max(64, plan.preprocessing.input_size),
+        )
     homes = [
         init_silo_home(work / "silos" / spec.name, spec.name, work / "hospitals" / spec.name)
         for spec in specs
     ]
     console.print(
         f"[bold]{len(specs)} hospitals[/]: "
-        + ", ".join(f"{s.name} ({s.n_images} images, {s.positive_fraction:.0%} positive)" for s in specs)
+        + ", ".join(
+            f"{s.name} ({s.n_images} images, {s.positive_fraction:.0%} positive)" for s in specs
+        )
     )
     tls = make_tls(work / "tls", "fedsilo-demo", ["127.0.0.1", "localhost"])
     out_run = out / "run"
@@ -141,10 +156,17 @@ def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
             cluster.start_superlink()
             for home in homes:
                 cluster.start_supernode(home.name, {"home": str(home.root)})
-            app_dir = write_flower_app(work / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180})
+            app_dir = write_flower_app(
+                work / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180}
+            )
             run_id = f"demo-{settings.seed}"
-            cluster.submit(app_dir, {"plan-path": str(plan_path), "out-dir": str(out_run), "run-id": run_id})
-        console.print(f"SuperLink at {cluster.address} (TLS), {len(homes)} SuperNodes, run '{run_id}' submitted")
+            cluster.submit(
+                app_dir, {"plan-path": str(plan_path), "out-dir": str(out_run), "run-id": run_id}
+            )
+        console.print(
+            f"SuperLink at {cluster.address} (TLS), {len(homes)} SuperNodes, "
+            f"run '{run_id}' submitted"
+        )
         events_path = out_run / "events.jsonl"
         with Progress(
             TextColumn("[bold]federated training"),
@@ -175,7 +197,9 @@ def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
                     progress.update(task, description="round 1 running")
                 failed = [e for e in events if e["event"] in ("run-failed", "round-failed")]
                 if failed:
-                    raise DemoError(f"the federated run failed: {failed[-1].get('reason', failed[-1])}")
+                    raise DemoError(
+                        f"the federated run failed: {failed[-1].get('reason', failed[-1])}"
+                    )
                 if any(e["event"] == "run-finished" for e in events):
                     break
                 cluster.check_alive()
@@ -203,11 +227,15 @@ def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
         for server_round in range(0, plan.federation.rounds + 1):
             arrays = load_model(out_run / "rounds" / f"round-{server_round:03d}.safetensors")
             fed_auc, fed_loss = _evaluate_arrays(plan, arrays, test.images, test.labels)
-            rows.append({"round": server_round, "federated_auc": fed_auc, "federated_loss": fed_loss})
+            rows.append(
+                {"round": server_round, "federated_auc": fed_auc, "federated_loss": fed_loss}
+            )
     local_curves: dict[str, list[float]] = {}
     with console.status("Training each hospital alone for the same budget..."):
         for home in homes:
-            local_curves[home.name] = _local_only(plan, home, test.images, test.labels, settings.seed)
+            local_curves[home.name] = _local_only(
+                plan, home, test.images, test.labels, settings.seed
+            )
     for row in rows[1:]:
         for name, curve in local_curves.items():
             row[f"local_auc_{name}"] = curve[row["round"] - 1]
@@ -224,7 +252,7 @@ def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
         "rounds": plan.federation.rounds,
         "hospitals": [s.name for s in specs],
         "images_per_hospital": {s.name: s.n_images for s in specs},
-        "test_images": int(len(test.labels)),
+        "test_images": len(test.labels),
         "model": plan.model.name,
         "secure_aggregation": plan.secure_aggregation.enabled,
         "federated_seconds": round(federated_seconds, 1),
@@ -238,7 +266,9 @@ def run_demo(settings: DemoSettings, console=None) -> dict:  # noqa: ANN001
     return summary
 
 
-def _write_outputs(out: Path, rows: list[dict], summary: dict, out_run: Path, local_curves: dict) -> None:
+def _write_outputs(
+    out: Path, rows: list[dict], summary: dict, out_run: Path, local_curves: dict
+) -> None:
     keys = sorted({k for row in rows for k in row}, key=lambda k: (k != "round", k))
     with (out / "metrics.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
@@ -252,8 +282,13 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, out_run: Path, lo
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot([r["round"] for r in rows], [r["federated_auc"] for r in rows], "o-", lw=2.5,
-            label="federated (secure aggregation)" if summary["secure_aggregation"] else "federated")
+    ax.plot(
+        [r["round"] for r in rows],
+        [r["federated_auc"] for r in rows],
+        "o-",
+        lw=2.5,
+        label="federated (secure aggregation)" if summary["secure_aggregation"] else "federated",
+    )
     for name, curve in local_curves.items():
         ax.plot(range(1, len(curve) + 1), curve, "--", alpha=0.8, label=f"{name} alone")
     ax.set_xlabel("round (local-only: same number of local epochs)")
@@ -267,7 +302,7 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, out_run: Path, lo
     plt.close(fig)
 
 
-def _print_table(console, rows: list[dict], local_final: dict, summary: dict) -> None:  # noqa: ANN001
+def _print_table(console, rows: list[dict], local_final: dict, summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="Federated training (pooled held-out test set)")
@@ -275,7 +310,9 @@ def _print_table(console, rows: list[dict], local_final: dict, summary: dict) ->
     table.add_column("loss", justify="right")
     table.add_column("AUC", justify="right")
     for row in rows:
-        table.add_row(str(row["round"]), f"{row['federated_loss']:.4f}", f"{row['federated_auc']:.3f}")
+        table.add_row(
+            str(row["round"]), f"{row['federated_loss']:.4f}", f"{row['federated_auc']:.3f}"
+        )
     side = Table(title="Each hospital alone (same budget)")
     side.add_column("hospital")
     side.add_column("AUC", justify="right")

@@ -129,13 +129,19 @@ class FlowerCluster:
             "superlink",
             [
                 _bin("flower-superlink"),
-                "--ssl-certfile", str(self.tls.server_cert),
-                "--ssl-keyfile", str(self.tls.server_key),
-                "--ssl-ca-certfile", str(self.tls.ca_cert),
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
+                "--ssl-certfile",
+                str(self.tls.server_cert),
+                "--ssl-keyfile",
+                str(self.tls.server_key),
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
                 "--disable-runtime-dependency-installation",
-                "--database", str(self.workdir / "superlink.db"),
+                "--database",
+                str(self.workdir / "superlink.db"),
             ],
             self.workdir / "flwr-home" / "superlink",
         )
@@ -148,7 +154,9 @@ class FlowerCluster:
                     return process
             except OSError:
                 time.sleep(0.2)
-        raise ClusterError(f"flower-superlink did not listen on {self.address} within {timeout:.0f} s")
+        raise ClusterError(
+            f"flower-superlink did not listen on {self.address} within {timeout:.0f} s"
+        )
 
     def start_supernode(self, name: str, node_config: dict[str, str]) -> ManagedProcess:
         """Start a flower-supernode that trusts our CA and passes node_config to the ClientApp."""
@@ -157,12 +165,18 @@ class FlowerCluster:
             f"supernode-{name}",
             [
                 _bin("flower-supernode"),
-                "--root-certificates", str(self.tls.ca_cert),
-                "--superlink", self.address,
-                "--node-config", config,
-                "--port", str(free_port()),
-                "--max-retries", "60",
-                "--max-wait-time", "300",
+                "--root-certificates",
+                str(self.tls.ca_cert),
+                "--superlink",
+                self.address,
+                "--node-config",
+                config,
+                "--port",
+                str(free_port()),
+                "--max-retries",
+                "60",
+                "--max-wait-time",
+                "300",
             ],
             self.workdir / "flwr-home" / f"supernode-{name}",
         )
@@ -184,7 +198,16 @@ class FlowerCluster:
         """`flwr run APP fedsilo --run-config ...`; returns Flower's run id."""
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         completed = subprocess.run(
-            [_bin("flwr"), "run", str(app_dir), "fedsilo", "--run-config", overrides, "--format", "json"],
+            [
+                _bin("flwr"),
+                "run",
+                str(app_dir),
+                "fedsilo",
+                "--run-config",
+                overrides,
+                "--format",
+                "json",
+            ],
             capture_output=True,
             text=True,
             env=flower_env(self.cli_home()),

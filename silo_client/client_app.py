@@ -9,6 +9,7 @@ paths, values or anything else identifying (details go to the silo's own log).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -33,6 +34,17 @@ def _setup_logging(home: SiloHome) -> None:
     root.setLevel(logging.INFO)
 
 
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;]+)+[\\/]?")
+
+
+def redact_paths(text: str) -> str:
+    """Remove file paths from a reason that leaves the silo: paths can name patients or studies.
+
+    The full message stays in the silo's own log.
+    """
+    return _PATH.sub("<local path>", text)
+
+
 def error_reply(msg: Message, exc: BaseException) -> Message:
     """Turn an exception into a Flower error reply with a code and a one-line reason."""
     if isinstance(exc, PlanRefused | PlanError):
@@ -46,11 +58,13 @@ def error_reply(msg: Message, exc: BaseException) -> Message:
     if code == wire.ERROR_INTERNAL:
         reason = f"internal error in the silo ({type(exc).__name__}); see the silo's clientapp.log"
     else:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = redact_paths(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def guarded(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
     """Run a handler; any failure becomes an error reply instead of a crashed ClientApp."""
 
     def run(msg: Message, context: Context) -> Message:
@@ -79,7 +93,7 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
     return run
 
 
-def _plan_and_round(msg: Message):  # noqa: ANN202 - small private helper
+def _plan_and_round(msg: Message):
     from silo_client.local_round import plan_from_wire
 
     config = msg.content[wire.CONFIG]
@@ -88,7 +102,9 @@ def _plan_and_round(msg: Message):  # noqa: ANN202 - small private helper
         claimed = str(config[wire.PLAN_HASH])
         server_round = int(config[wire.ROUND])
     except KeyError as exc:
-        raise PlanRefused(f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?") from None
+        raise PlanRefused(
+            f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?"
+        ) from None
     return plan_from_wire(plan_json, claimed), server_round
 
 
@@ -104,7 +120,9 @@ def train(msg: Message, context: Context) -> Message:
     home = SiloHome.from_node_config(context.node_config)
     global_arrays = msg.content[wire.ARRAYS].to_numpy_ndarrays()
     keys = list(msg.content[wire.ARRAYS].keys())
-    update, result = train_round(home, plan, dict(zip(keys, global_arrays, strict=True)), server_round)
+    update, result = train_round(
+        home, plan, dict(zip(keys, global_arrays, strict=True)), server_round
+    )
     content = RecordDict(
         {
             wire.ARRAYS: ArrayRecord({k: _array(v) for k, v in update.items()}),
@@ -137,7 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
-def _array(value):  # noqa: ANN001, ANN202
+def _array(value):
     from flwr.app import Array
 
     return Array(value)

@@ -94,7 +94,9 @@ class SiloHome:
             name = str(payload["name"])
             datasets = {str(k): str(v) for k, v in dict(payload.get("datasets", {})).items()}
         except (ValueError, KeyError, TypeError) as exc:
-            raise SiloConfigError(f"{config} is damaged ({exc}); restore it or run 'silo init'") from None
+            raise SiloConfigError(
+                f"{config} is damaged ({exc}); restore it or run 'silo init'"
+            ) from None
         return cls(root=root, name=name, datasets=datasets)
 
     @classmethod

@@ -41,7 +41,8 @@ def plan_from_wire(plan_json: str, claimed_hash: str) -> TrainingPlan:
     actual = plan_hash(plan)
     if actual != claimed_hash:
         raise PlanRefused(
-            f"plan altered: its content hashes to {actual[:12]}, the server claims {claimed_hash[:12]}"
+            f"plan altered: its content hashes to {actual[:12]}, "
+            f"the server claims {claimed_hash[:12]}"
         )
     return plan
 
@@ -79,9 +80,9 @@ def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str = "default"
 
 def silo_seed(plan: TrainingPlan, silo_name: str, server_round: int) -> int:
     """A per-silo, per-round seed: reproducible runs without silos sharing their shuffles."""
-    return (plan.training.seed * 1_000_003 + server_round * 7919 + zlib.crc32(silo_name.encode())) % (
-        2**31
-    )
+    return (
+        plan.training.seed * 1_000_003 + server_round * 7919 + zlib.crc32(silo_name.encode())
+    ) % (2**31)
 
 
 def build_global_model(plan: TrainingPlan, global_arrays: dict[str, np.ndarray]) -> torch.nn.Module:
@@ -94,11 +95,15 @@ def build_global_model(plan: TrainingPlan, global_arrays: dict[str, np.ndarray])
         try:
             global_arrays = wire.unpack(global_arrays[wire.MODEL], model_layout(model))
         except ValueError as exc:
-            raise PlanError(f"the global model does not fit the plan's {plan.model.name}: {exc}") from None
+            raise PlanError(
+                f"the global model does not fit the plan's {plan.model.name}: {exc}"
+            ) from None
     try:
         load_float_state(model, global_arrays)
     except ValueError as exc:
-        raise PlanError(f"the global model does not fit the plan's {plan.model.name}: {exc}") from None
+        raise PlanError(
+            f"the global model does not fit the plan's {plan.model.name}: {exc}"
+        ) from None
     return model
 
 

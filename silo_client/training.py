@@ -51,7 +51,9 @@ def load_float_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
                 f"array '{key}' has shape {arrays[key].shape}, the network expects "
                 f"{tuple(state[key].shape)}"
             )
-        state[key] = torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)).to(state[key].dtype)
+        state[key] = torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)).to(
+            state[key].dtype
+        )
     model.load_state_dict(state)
 
 
@@ -102,7 +104,7 @@ def train_local(
             optimizer.step()
             steps += 1
             loss_total += float(loss.detach())
-    return TrainResult(num_examples=int(len(labels)), steps=steps, mean_loss=loss_total / max(steps, 1))
+    return TrainResult(num_examples=len(labels), steps=steps, mean_loss=loss_total / max(steps, 1))
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def evaluate_sums(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     loss_sum = float(-(truth * np.log(clipped) + (~truth) * np.log(1 - clipped)).sum())
     decided = scores >= 0.5
     return EvalSums(
-        num_examples=int(len(truth)),
+        num_examples=len(truth),
         loss_sum=loss_sum,
         true_pos=int((decided & truth).sum()),
         false_pos=int((decided & ~truth).sum()),

@@ -60,17 +60,19 @@ class InProcessGrid(Grid):
         TaskIdentity.task_id = 1
 
     # Grid API -------------------------------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: ANN001
+    def set_run(self, run) -> None:
         """Not used in process."""
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self):
         """Not used in process."""
         return None
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         """Build an instruction message."""
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         """Node ids of the in-process silos."""
@@ -112,7 +114,9 @@ class InProcessGrid(Grid):
         """Replies to the given message ids that arrived."""
         return [self._inbox.pop(i) for i in list(message_ids) if i in self._inbox]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         """Push, then pull every reply (silent nodes simply have none)."""
         ids = list(self.push_messages(messages))
         return list(self.pull_messages(ids))

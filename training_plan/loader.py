@@ -49,7 +49,9 @@ def parse_plan(text: str, source: str = "<plan>") -> TrainingPlan:
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PlanValidationError(
-            f"{where}: not valid YAML ({problem})", source=source, line=mark.line + 1 if mark else None
+            f"{where}: not valid YAML ({problem})",
+            source=source,
+            line=mark.line + 1 if mark else None,
         ) from None
     if not isinstance(data, dict):
         raise PlanValidationError(
@@ -97,5 +99,7 @@ def load_plan(path: Path | str) -> TrainingPlan:
             f"{path}: plan file not found (write one with 'fedsilo plan new')", source=str(path)
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PlanValidationError(f"{path}: cannot read plan file ({exc})", source=str(path)) from None
+        raise PlanValidationError(
+            f"{path}: cannot read plan file ({exc})", source=str(path)
+        ) from None
     return parse_plan(text, source=str(path))

@@ -7,7 +7,7 @@ is a compile-time change on both ends, never a silent mismatch.
 from __future__ import annotations
 
 ARRAYS = "arrays"
-"""ArrayRecord: global model (server -> silo) or the update d = w_local - w_global (silo -> server)."""
+"""ArrayRecord: the global model (server -> silo) or the update d = w_local - w_global."""
 CONFIG = "config"
 """ConfigRecord with the run's binding: plan, plan hash, run id, round."""
 METRICS = "metrics"
@@ -44,8 +44,8 @@ and one flat vector crosses the SuperLink several times faster. Both sides deriv
 """
 
 
-def pack(arrays: dict, layout: list[tuple[str, tuple[int, ...]]] | None = None):  # noqa: ANN201
-    """Concatenate named float arrays (in layout order, default: dict order) into one float32 vector."""
+def pack(arrays: dict, layout: list[tuple[str, tuple[int, ...]]] | None = None):
+    """Concatenate named float arrays (layout order, default dict order) into one vector."""
     import numpy as np
 
     keys = [k for k, _ in layout] if layout is not None else list(arrays)
@@ -54,7 +54,7 @@ def pack(arrays: dict, layout: list[tuple[str, tuple[int, ...]]] | None = None):
     return np.concatenate([np.asarray(arrays[k], dtype=np.float32).ravel() for k in keys])
 
 
-def unpack(vector, layout: list[tuple[str, tuple[int, ...]]]) -> dict:  # noqa: ANN001
+def unpack(vector, layout: list[tuple[str, tuple[int, ...]]]) -> dict:
     """Split a flat vector back into named arrays; raises ValueError when the sizes differ."""
     import numpy as np
 

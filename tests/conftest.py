@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny synthetic hospitals and silo homes, Flower environment hygiene."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FEDSILO_TORCH_THREADS", "1")
+
+TINY_PLAN = (
+    "title: tiny\n"
+    "model: {name: resnet10}\n"
+    "preprocessing: {input_size: 32}\n"
+    "training: {batch_size: 8, local_epochs: 1, seed: 3}\n"
+    "federation: {rounds: 1, min_silos: 3}\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three tiny synthetic hospitals (real DICOM) shared by the session; do not modify."""
+    from silo_client.data.synthetic import generate_hospitals
+
+    out = tmp_path_factory.mktemp("hospitals")
+    generate_hospitals(out, hospitals=3, images_per_hospital=24, seed=7, image_size=32)
+    return out
+
+
+@pytest.fixture
+def silo_homes(hospitals: Path, tmp_path: Path) -> list:
+    """Fresh silo homes for the three hospitals."""
+    from silo_client.home import init_silo_home
+
+    return [
+        init_silo_home(tmp_path / "silos" / folder.name, folder.name, folder)
+        for folder in sorted(hospitals.iterdir())
+        if folder.is_dir()
+    ]
