@@ -48,15 +48,15 @@ def load_identity(home: SiloHome) -> IdentityKey:
     path = key_path(home)
     if not path.is_file():
         raise SiloConfigError(
-            f"silo '{home.name}' has no secure-aggregation identity key ({path}); "
-            f"run 'silo join --home {home.root}' to create it and pin the consortium roster"
+            f"silo '{home.name}' has no secure-aggregation identity key; run 'silo join' "
+            f"on its home to create it and pin the consortium roster"
         )
     try:
         return IdentityKey.load(path)
     except (SecureAggError, ValueError, OSError) as exc:
         raise SiloConfigError(
-            f"the identity key of silo '{home.name}' is unusable ({exc}); fix its mode (0600) "
-            f"or run 'silo join --home {home.root}' again"
+            f"the identity key of silo '{home.name}' is unusable ({type(exc).__name__}); fix "
+            f"its mode (0600) or run 'silo join' again"
         ) from None
 
 
@@ -67,14 +67,15 @@ def load_roster(home: SiloHome) -> Roster:
     path = roster_path(home)
     if not path.is_file():
         raise SiloConfigError(
-            f"silo '{home.name}' has no consortium roster ({path}); run 'silo join --home "
-            f"{home.root}' with the roster file the consortium distributed"
+            f"silo '{home.name}' has no consortium roster; run 'silo join' on its home with "
+            f"the roster file the consortium distributed"
         )
     try:
         return Roster.load(path)
     except (SecureAggError, OSError) as exc:
         raise SiloConfigError(
-            f"the roster of silo '{home.name}' is unusable ({exc}); run 'silo join' again"
+            f"the roster of silo '{home.name}' is unusable ({type(exc).__name__}); run "
+            f"'silo join' again"
         ) from None
 
 

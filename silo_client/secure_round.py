@@ -196,7 +196,7 @@ def _client(home: SiloHome, plan: TrainingPlan) -> SecAggClient:
     except ConfigurationError as exc:
         raise SiloConfigError(
             f"secure-aggregation identity of silo '{home.name}' does not match its roster "
-            f"({exc}); run 'silo join --home {home.root}' again"
+            f"({exc}); run 'silo join' again"
         ) from None
 
 
