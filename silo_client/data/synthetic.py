@@ -173,7 +173,7 @@ class HospitalSpec:
 
 def lesion_contrast_hu(difficulty: float) -> float:
     """Mean lesion contrast in HU-like units for a difficulty in [0, 1] (0 obvious, 1 faint)."""
-    return 10.0 + 150.0 * (1.0 - difficulty) ** 2
+    return 20.0 + 330.0 * (1.0 - difficulty) ** 2
 
 
 def _check_args(
@@ -305,14 +305,14 @@ def _render_hu(
             yy, xx, oy, ox, rng.uniform(0.06, 0.17), rng.uniform(0.06, 0.17),
             rng.uniform(0, np.pi), 0.12,
         )  # fmt: skip
-        tissue += rng.uniform(-70.0, 60.0) * blob * inner
+        tissue += rng.uniform(-50.0, 40.0) * blob * inner
 
     # Vessels: small bright dots, the lesion's look-alikes.
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(0, 4))):
         vy, vx = cy + rng.uniform(-0.28, 0.28), cx + rng.uniform(-0.3, 0.3)
-        rad = rng.uniform(0.012, 0.03)
+        rad = rng.uniform(0.01, 0.025)
         tissue += (
-            rng.uniform(20.0, 90.0) * _soft_ellipse(yy, xx, vy, vx, rad, rad, 0.0, 0.2) * inner
+            rng.uniform(15.0, 60.0) * _soft_ellipse(yy, xx, vy, vx, rad, rad, 0.0, 0.2) * inner
         )
 
     # Bone (spine-like), saturates in a soft-tissue window.
@@ -332,13 +332,13 @@ def _render_hu(
         ang = rng.uniform(0.0, 2.0 * np.pi)
         rad_frac = np.sqrt(rng.uniform(0.0, 1.0)) * 0.6
         ly, lx = cy + ry * rad_frac * np.sin(ang), cx + rx * rad_frac * np.cos(ang)
-        radius = rng.uniform(0.035, 0.075) * spec.lesion_radius_scale
+        radius = rng.uniform(0.05, 0.095) * spec.lesion_radius_scale
         contrast = (
-            lesion_contrast_hu(spec.difficulty) * spec.lesion_contrast_scale * rng.uniform(0.7, 1.3)
+            lesion_contrast_hu(spec.difficulty) * spec.lesion_contrast_scale * rng.uniform(0.8, 1.2)
         )
         squash = rng.uniform(0.8, 1.2)
         lesion = _soft_ellipse(
-            yy, xx, ly, lx, radius * squash, radius / squash, rng.uniform(0, np.pi), 0.25
+            yy, xx, ly, lx, radius * squash, radius / squash, rng.uniform(0, np.pi), 0.2
         )
         tissue += contrast * lesion * inner
         info = {"y": float(ly), "x": float(lx), "radius": float(radius), "contrast": contrast}
@@ -473,7 +473,10 @@ def _write_images(
     namespace: str,
     id_prefix: str,
 ) -> list[tuple[str, int]]:
-    """Render and write one DICOM per (spec, label); returns ``(StudyInstanceUID, label)``."""
+    """Render and write one DICOM per (spec, label); returns ``(StudyInstanceUID, label)``.
+
+    ``namespace`` feeds the UIDs' entropy: it must differ whenever the content differs.
+    """
     dicom_dir = folder / "dicom"
     dicom_dir.mkdir(parents=True, exist_ok=True)
     n = len(plan)
@@ -498,9 +501,9 @@ def _write_images(
         doc_first = _FIRST_NAMES[int(rng.integers(len(_FIRST_NAMES)))]
         doc_last = _LAST_NAMES[int(rng.integers(len(_LAST_NAMES)))]
         physician = f"{doc_last}^{doc_first}^^Dr."
-        study_uid = _uid(namespace, spec.seed, "study", i)
-        series_uid = _uid(namespace, spec.seed, "series", i)
-        sop_uid = _uid(namespace, spec.seed, "sop", i)
+        study_uid = _uid(namespace, "study", i)
+        series_uid = _uid(namespace, "series", i)
+        sop_uid = _uid(namespace, "sop", i)
         _write_dicom(
             dicom_dir / f"img-{i:04d}.dcm",
             pixels,
@@ -544,7 +547,7 @@ def generate_hospital(folder: Path, spec: HospitalSpec) -> Path:
         folder,
         rng,
         [(spec, lab) for lab in labels],
-        namespace=spec.name,
+        namespace=f"{spec.name}|{spec.to_json()}",
         id_prefix=f"H{spec.index}-",
     )
     (folder / "spec.json").write_text(spec.to_json(), encoding="utf-8")
@@ -601,5 +604,6 @@ def generate_test_set(
     # Make sure both classes are present for AUC.
     if len({lab for _, lab in plan}) < 2:
         plan[0] = (plan[0][0], 1 - plan[0][1])
-    _write_images(out, rng, plan, namespace="test", id_prefix="T-")
+    key = f"test|{n}|{seed}|{hospitals}|{images_per_hospital}|{difficulty}|{image_size}"
+    _write_images(out, rng, plan, namespace=key, id_prefix="T-")
     return specs
