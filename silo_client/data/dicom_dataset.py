@@ -31,7 +31,7 @@ import monai.data
 import numpy as np
 import pydicom
 import torch
-from monai.transforms import Compose, EnsureType, Resize, ScaleIntensityRange
+from monai.transforms import Compose, EnsureType, ScaleIntensityRange
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
@@ -59,7 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the preprocessing code changes its output; part of the cache key.
-PREPROCESSING_VERSION = "1"
+PREPROCESSING_VERSION = "2"
 
 _SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 _LABEL_COLUMNS = ("StudyInstanceUID", "label")
@@ -113,7 +113,7 @@ class Preprocessing:
         return Compose(
             [
                 _pad_to_square,
-                Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True),
+                _Resize(size),
                 _clip_unit,
                 EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
             ]
@@ -138,6 +138,25 @@ def _pad_to_square(img: torch.Tensor) -> torch.Tensor:
     top, left = (side - h) // 2, (side - w) // 2
     pad = (left, side - w - left, top, side - h - top)
     return torch.nn.functional.pad(img, pad, value=0.0)
+
+
+class _Resize:
+    """Bilinear resize of a ``[C, H, W]`` tensor with anti-aliasing when shrinking.
+
+    ``torch.nn.functional.interpolate(antialias=True)`` (a separable triangle filter) is
+    several times faster than MONAI ``Resize(anti_aliasing=True)``'s Gaussian convolution.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if tuple(img.shape[-2:]) == (self.size, self.size):
+            return img
+        return torch.nn.functional.interpolate(
+            img[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+            antialias=True,
+        )[0]  # fmt: skip
 
 
 def _clip_unit(img: torch.Tensor) -> torch.Tensor:

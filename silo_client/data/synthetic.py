@@ -173,7 +173,7 @@ class HospitalSpec:
 
 def lesion_contrast_hu(difficulty: float) -> float:
     """Mean lesion contrast in HU-like units for a difficulty in [0, 1] (0 obvious, 1 faint)."""
-    return 20.0 + 330.0 * (1.0 - difficulty) ** 2
+    return 20.0 + 600.0 * (1.0 - difficulty) ** 2
 
 
 def _check_args(

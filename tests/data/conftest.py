@@ -28,10 +28,10 @@ def small_hospitals(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
 
 @pytest.fixture
 def hospital(small_hospitals: tuple[Path, list[HospitalSpec]], tmp_path: Path) -> Path:
-    """A private, mutable copy of hospital-1 (dicom/ + labels.csv)."""
+    """A private, mutable copy of hospital-0 (12 images; dicom/ + labels.csv)."""
     root, _ = small_hospitals
     dst = tmp_path / "site"
-    shutil.copytree(root / "hospital-1", dst)
+    shutil.copytree(root / "hospital-0", dst)
     return dst
 
 

@@ -22,13 +22,13 @@ from silo_client.errors import DataError
 def test_shapes_dtypes_and_range(hospital: Path, small_hospitals) -> None:
     _, specs = small_hospitals
     data = build_dataset(hospital, Preprocessing(input_size=24), cache_dir=None)
-    n = specs[1].n_images
+    n = specs[0].n_images
     assert isinstance(data, monai.data.Dataset) and isinstance(data, LocalDataset)
     assert data.images.shape == (n, 1, 24, 24) and data.images.dtype == torch.float32
     assert data.labels.shape == (n,) and data.labels.dtype == torch.int64
-    assert 0.0 <= float(data.images.min()) and float(data.images.max()) <= 1.0
+    assert float(data.images.min()) >= 0.0 and float(data.images.max()) <= 1.0
     assert float(data.images.std()) > 0.05
-    assert int(data.labels.sum()) == specs[1].n_positive
+    assert int(data.labels.sum()) == specs[0].n_positive
     assert data.n_skipped == 0 and data.skipped == [] and data.warnings == []
     item = data[0]
     assert item["image"].shape == (1, 24, 24) and item["image"].dtype == torch.float32
@@ -47,7 +47,7 @@ def test_labels_follow_study_uids(hospital: Path) -> None:
 
 def test_scan_lists_instances(hospital: Path, small_hospitals) -> None:
     scan = scan_dicom_folder(hospital / "dicom")
-    assert len(scan.instances) == small_hospitals[1][1].n_images and not scan.skipped
+    assert len(scan.instances) == small_hospitals[1][0].n_images and not scan.skipped
     inst = scan.instances[0]
     assert inst.rows == inst.columns == 32 and inst.photometric_interpretation == "MONOCHROME2"
 
