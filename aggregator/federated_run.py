@@ -214,11 +214,16 @@ class FederatedRun:
         new_arrays = dict(zip(new_record.keys(), new_record.to_numpy_ndarrays(), strict=True))
 
         mark = time.monotonic()
-        eval_messages = list(
-            self.strategy.configure_evaluate(
-                server_round, new_record, self._config(server_round, "validation"), grid
+        every = self.plan.federation.evaluate_every
+        last = server_round == self.plan.federation.rounds
+        if last or (every and server_round % every == 0):
+            eval_messages = list(
+                self.strategy.configure_evaluate(
+                    server_round, new_record, self._config(server_round, "validation"), grid
+                )
             )
-        )
+        else:
+            eval_messages = []
         eval_report = StepReport()
         eval_replies = self.aggregation.evaluate(grid, server_round, eval_messages, eval_report)
         eval_metrics = (

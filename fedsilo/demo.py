@@ -100,6 +100,22 @@ def _local_only(plan: TrainingPlan, home, test_images, test_labels, seed_base: i
     return aucs
 
 
+def _pin_demo_roster(homes: list) -> None:
+    """Give each silo an identity key and its own pinned copy of the roster of all silos.
+
+    In a real consortium this is `silo init` + `aggregator enroll` + `silo join`; the demo plays
+    every hospital's IT at once.
+    """
+    from secure_agg.keys import Roster
+    from silo_client.identity import ensure_identity, save_roster
+
+    roster = Roster()
+    for home in homes:
+        roster.add(home.name, ensure_identity(home).public_bytes)
+    for home in homes:
+        save_roster(home, roster)
+
+
 def run_demo(settings: DemoSettings, console=None) -> dict:
     """Run the whole demo; returns the summary also written to summary.json."""
     from rich.console import Console
@@ -140,6 +156,7 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
         init_silo_home(work / "silos" / spec.name, spec.name, work / "hospitals" / spec.name)
         for spec in specs
     ]
+    _pin_demo_roster(homes)
     console.print(
         f"[bold]{len(specs)} hospitals[/]: "
         + ", ".join(

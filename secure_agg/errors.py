@@ -16,7 +16,7 @@ class ConfigurationError(SecureAggError):
     """A configuration or caller input cannot be used safely (e.g. overflow headroom)."""
 
 
-class ProtocolAbort(SecureAggError):  # noqa: N818 - name fixed by the spec
+class ProtocolAbort(SecureAggError):
     """A party refuses to continue the round; ``reason`` says why, ``peer`` who is involved."""
 
     def __init__(self, reason: str, *, peer: str | None = None) -> None:

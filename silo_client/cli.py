@@ -41,8 +41,12 @@ def init(
     """Create the silo home (or update its name and default dataset)."""
     if dataset is not None and not dataset.is_dir():
         raise SiloError(f"dataset folder {dataset} does not exist; pass the folder holding dicom/")
+    from silo_client.identity import ensure_identity
+
     silo = init_silo_home(home, name, dataset)
+    identity = ensure_identity(silo)
     console.print(f"silo '{silo.name}' ready in {silo.root}")
+    console.print(f"secure-aggregation identity fingerprint: {identity.fingerprint()}")
 
 
 @app.command()

@@ -68,6 +68,9 @@ class FederationSpec(_Strict):
 
     rounds: int = Field(5, ge=1, le=10_000)
     min_silos: int = Field(3, ge=1, le=10_000)
+    evaluate_every: int = Field(
+        1, ge=0, description="federated validation every k rounds (0: only after the last round)"
+    )
     strategy: Literal["fedavg"] = "fedavg"
 
 
@@ -79,7 +82,14 @@ class SecureAggregationSpec(_Strict):
     fractional_bits: int = Field(22, ge=4, le=40, description="codec default; 63 silos fit k=32")
     field_bits: Literal[32, 64] = 32
     threshold: int | None = Field(None, ge=3, description="Shamir threshold t; default 2n/3+1")
-    max_weight: int = Field(100_000, ge=1, description="public cap on a silo's example count")
+    max_weight: int = Field(
+        2_000,
+        ge=1,
+        description=(
+            "public cap on a silo's example count; silos encode (examples/max_weight)*update, so "
+            "set it near the largest silo: far above it costs precision (see docs/secure_agg.md)"
+        ),
+    )
 
 
 class TrainingPlan(_Strict):
