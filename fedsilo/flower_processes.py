@@ -98,6 +98,8 @@ class FlowerCluster:
     tls: TlsFiles
     port: int = field(default_factory=free_port)
     processes: list[ManagedProcess] = field(default_factory=list)
+    enable_node_auth: bool = False
+    database: Path | None = None
 
     @property
     def address(self) -> str:
@@ -141,7 +143,8 @@ class FlowerCluster:
                 str(self.port),
                 "--disable-runtime-dependency-installation",
                 "--database",
-                str(self.workdir / "superlink.db"),
+                str(self.database or self.workdir / "superlink.db"),
+                *(["--enable-supernode-auth"] if self.enable_node_auth else []),
             ],
             self.workdir / "flwr-home" / "superlink",
         )
@@ -158,17 +161,29 @@ class FlowerCluster:
             f"flower-superlink did not listen on {self.address} within {timeout:.0f} s"
         )
 
-    def start_supernode(self, name: str, node_config: dict[str, str]) -> ManagedProcess:
-        """Start a flower-supernode that trusts our CA and passes node_config to the ClientApp."""
+    def start_supernode(
+        self,
+        name: str,
+        node_config: dict[str, str],
+        auth_key: Path | None = None,
+        root_certificates: Path | None = None,
+    ) -> ManagedProcess:
+        """Start a flower-supernode that trusts our CA and passes node_config to the ClientApp.
+
+        ``auth_key`` is the node-authentication private key (OpenSSH EC) for a SuperLink started
+        with ``enable_node_auth``; ``root_certificates`` overrides the CA it trusts.
+        """
         config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
+        auth = ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
         return self._start(
             f"supernode-{name}",
             [
                 _bin("flower-supernode"),
                 "--root-certificates",
-                str(self.tls.ca_cert),
+                str(root_certificates or self.tls.ca_cert),
                 "--superlink",
                 self.address,
+                *auth,
                 "--node-config",
                 config,
                 "--port",
