@@ -10,13 +10,49 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 added who asks and why (researcher, purpose), the dataset tag, evaluation metrics,
+the augmentation allow-list and what to do when a silo refuses. Version 1 plans still validate:
+every added field is optional, with the default a version 1 plan meant."""
+
+AUGMENTATIONS = ("flip-horizontal", "flip-vertical", "rotate-90", "intensity-jitter")
+"""The augmentations a plan may declare (the silo's installed code decides how they run)."""
+EVAL_METRICS = ("loss", "accuracy", "sensitivity", "specificity")
+"""Metrics the silos can report, as secure sums (never per silo)."""
 
 
 class _Strict(BaseModel):
     """Unknown keys are errors: a typo in a plan must never be silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResearcherSpec(_Strict):
+    """Who asks: shown to each hospital's IT and data-protection officer before they approve."""
+
+    name: str = Field(min_length=1, max_length=200)
+    organisation: str = Field("", max_length=200)
+    email: str = Field("", max_length=200, pattern=r"^$|^[^@\s]+@[^@\s]+$")
+    public_key: str | None = Field(
+        None,
+        description="base64 Ed25519 public key ('fedsilo plan keygen'); signatures must match it",
+        pattern=r"^[A-Za-z0-9+/]{43}=$",
+    )
+
+
+class EvaluationSpec(_Strict):
+    """Federated evaluation: which metrics the consortium learns (summed over silos)."""
+
+    metrics: list[Literal["loss", "accuracy", "sensitivity", "specificity"]] = Field(
+        default_factory=lambda: ["loss", "accuracy"], min_length=1
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each metric may be listed once")
+        return value
 
 
 class ModelSpec(_Strict):
@@ -50,6 +86,9 @@ class PreprocessingSpec(_Strict):
     window: Window | None = Field(
         None, description="intensity window; omitted = the file's own WindowCenter/Width"
     )
+    augmentations: list[
+        Literal["flip-horizontal", "flip-vertical", "rotate-90", "intensity-jitter"]
+    ] = Field(default_factory=list, description="declared only; silos refuse what they don't run")
 
 
 class TrainingSpec(_Strict):
@@ -72,6 +111,13 @@ class FederationSpec(_Strict):
         1, ge=0, description="federated validation every k rounds (0: only after the last round)"
     )
     strategy: Literal["fedavg"] = "fedavg"
+    on_refusal: Literal["continue", "stop"] = Field(
+        "continue",
+        description=(
+            "a silo refuses the plan: 'continue' with the others while at least min_silos take "
+            "part, or 'stop' the run"
+        ),
+    )
 
 
 class SecureAggregationSpec(_Strict):
@@ -93,16 +139,24 @@ class SecureAggregationSpec(_Strict):
 
 
 class TrainingPlan(_Strict):
-    """A complete, validated training plan (schema version 1)."""
+    """A complete, validated training plan (schema version 2; version 1 plans validate too)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     title: str = Field(min_length=1, max_length=200)
+    purpose: str = Field("", max_length=2000, description="why: shown to every hospital")
+    researcher: ResearcherSpec | None = None
+    dataset: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="tag of the registered local dataset each silo uses",
+    )
     task: Literal["classification"] = "classification"
     model: ModelSpec
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     training: TrainingSpec = TrainingSpec()
     federation: FederationSpec = FederationSpec()
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
 
     @model_validator(mode="after")
     def _secure_agg_needs_three(self) -> TrainingPlan:
