@@ -46,10 +46,10 @@ def initial_model(plan: TrainingPlan) -> tuple[dict[str, np.ndarray], list[tuple
     """The plan's network, freshly initialised with the plan's seed: float32 arrays and layout."""
     import torch
 
-    from training_plan.models import build_model
+    from training_plan.models import build_plan_model
 
     torch.manual_seed(plan.training.seed)
-    model = build_model(plan.model.name, dict(plan.model.args))
+    model = build_plan_model(plan.model)
     arrays = {
         k: v.detach().numpy().astype(np.float32, copy=True)
         for k, v in model.state_dict().items()

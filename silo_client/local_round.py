@@ -88,9 +88,9 @@ def silo_seed(plan: TrainingPlan, silo_name: str, server_round: int) -> int:
 def build_global_model(plan: TrainingPlan, global_arrays: dict[str, np.ndarray]) -> torch.nn.Module:
     """The plan's network with the global weights loaded."""
     from silo_client.training import load_float_state
-    from training_plan.models import build_model
+    from training_plan.models import build_plan_model
 
-    model = build_model(plan.model.name, dict(plan.model.args))
+    model = build_plan_model(plan.model)
     if set(global_arrays) == {wire.MODEL}:
         try:
             global_arrays = wire.unpack(global_arrays[wire.MODEL], model_layout(model))

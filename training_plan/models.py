@@ -6,6 +6,7 @@ model (code the silo installed) without any code travelling with the plan.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,16 @@ from training_plan.errors import PlanError, UnknownModelError
 
 if TYPE_CHECKING:
     import torch
+
+    from training_plan.schema import ModelSpec
+
+
+NORM_LAYERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "group": ("group", {"num_groups": 8}),
+    "batch": ("batch", {}),
+    "instance": ("instance", {"affine": True}),
+}
+"""Plan name -> MONAI norm argument. Every registry network has channel counts divisible by 8."""
 
 
 def _resnet(depth: int) -> Callable[..., torch.nn.Module]:
@@ -67,7 +78,12 @@ MODEL_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {
 
 
 def build_model(
-    name: str, args: dict[str, Any] | None = None, *, in_channels: int = 1, num_outputs: int = 1
+    name: str,
+    args: dict[str, Any] | None = None,
+    *,
+    norm: str = "group",
+    in_channels: int = 1,
+    num_outputs: int = 1,
 ) -> torch.nn.Module:
     """Build a freshly initialised network from the registry.
 
@@ -79,7 +95,39 @@ def build_model(
     except KeyError:
         known = ", ".join(sorted(MODEL_REGISTRY))
         raise UnknownModelError(f"unknown model '{name}' (known: {known})") from None
+    if norm not in NORM_LAYERS:
+        raise PlanError(f"unknown norm '{norm}' (known: {', '.join(NORM_LAYERS)})")
+    kwargs = {"norm": NORM_LAYERS[norm], **(args or {})}
     try:
-        return factory(in_channels, num_outputs, **(args or {}))
+        model = factory(in_channels, num_outputs, **kwargs)
     except TypeError as exc:
         raise PlanError(f"model '{name}' does not accept the arguments {args}: {exc}") from exc
+    if norm != "batch":
+        _replace_batch_norm(model, norm)
+    return model
+
+
+def _replace_batch_norm(module: torch.nn.Module, norm: str) -> None:
+    """Swap every BatchNorm left in the network for the plan's norm.
+
+    Some MONAI networks pass `norm` to only part of their layers (ResNet's residual blocks keep
+    BatchNorm in MONAI 1.6); a plan asking for group norm must get it everywhere, or running
+    statistics would still be averaged across silos.
+    """
+    from torch import nn
+
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            channels = child.num_features
+            if norm == "group":
+                replacement: nn.Module = nn.GroupNorm(math.gcd(8, channels), channels)
+            else:
+                replacement = nn.GroupNorm(channels, channels)  # instance norm, affine
+            setattr(module, child_name, replacement)
+        else:
+            _replace_batch_norm(child, norm)
+
+
+def build_plan_model(spec: ModelSpec) -> torch.nn.Module:
+    """Build the network a plan's `model` entry describes (name, args, norm)."""
+    return build_model(spec.name, dict(spec.args), norm=spec.norm)

@@ -60,6 +60,14 @@ class ModelSpec(_Strict):
 
     name: str = Field(description="registry name, e.g. resnet10, efficientnet-b0, densenet121")
     args: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    norm: Literal["group", "batch", "instance"] = Field(
+        "group",
+        description=(
+            "normalisation layers: group (default) has no running statistics, so nothing "
+            "site-specific is averaged and the model behaves the same in train and eval mode "
+            "across non-IID silos; batch is MONAI's default"
+        ),
+    )
 
     @field_validator("name")
     @classmethod
