@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 
+from aggregator.cli_consortium import register as _register_consortium  # noqa: E402
+
+_register_consortium(app)
+
 
 @app.command("show-run")
 def show_run(
