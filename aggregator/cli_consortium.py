@@ -1,0 +1,418 @@
+"""Consortium commands of `aggregator`: init, enroll, members, remove, start, doctor, renew.
+
+Mounted on the `aggregator` app by :func:`register`. Every operator error is a
+:class:`~aggregator.consortium.ConsortiumError` (one line, exit 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.consortium import (
+    HOME_ENV,
+    ConsortiumError,
+    ConsortiumHome,
+    check_server_certificate,
+    free_disk_check,
+    gpu_check,
+    init_consortium,
+    local_control_address,
+    parse_request,
+    probe_tls,
+    sync_authorised_nodes,
+)
+
+console = Console(soft_wrap=True)
+
+
+def _home_option() -> Path:
+    return typer.Option(
+        Path(os.environ.get(HOME_ENV, "~/.fedsilo/consortium")),
+        "--home",
+        help=f"Consortium home folder (env {HOME_ENV}).",
+    )
+
+
+def _superlink_running(home: ConsortiumHome) -> bool:
+    try:
+        pid = int(home.pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _sync_if_running(home: ConsortiumHome) -> None:
+    if not _superlink_running(home):
+        console.print("SuperLink not running here: the node list is applied at 'aggregator start'")
+        return
+    report = sync_authorised_nodes(home)
+    console.print(
+        f"SuperLink node list synced: registered {report.registered or 'none'}, "
+        f"unregistered {len(report.unregistered)} node(s)"
+    )
+
+
+def init(
+    name: str = typer.Option(..., "--name", help="The consortium's name."),
+    address: str = typer.Option(
+        ..., "--address", help="HOST:PORT where silos reach the SuperLink (goes in the cert SANs)."
+    ),
+    home: Path = _home_option(),
+    days: int = typer.Option(397, "--days", help="Validity of the SuperLink certificate."),
+) -> None:
+    """Create the consortium home: CA, SuperLink certificate, empty roster."""
+    created = init_consortium(home, name, address, days=days)
+    from aggregator.pki import certificate_info
+
+    ca = certificate_info(created.ca_cert)
+    server = certificate_info(created.server_cert)
+    console.print(f"consortium '{name}' ready in {created.root}")
+    console.print(f"CA fingerprint (read it to each hospital): {ca.fingerprint}")
+    console.print(
+        f"SuperLink certificate for {', '.join(server.sans)}, valid until "
+        f"{server.not_after:%Y-%m-%d}"
+    )
+
+
+def enroll(
+    request: Path = typer.Argument(..., help="The enrollment-request.json a silo sent."),
+    home: Path = _home_option(),
+    replace: bool = typer.Option(False, "--replace", help="Replace a member's keys."),
+) -> None:
+    """Verify an enrollment request, add the silo, write its join bundle."""
+    consortium = ConsortiumHome.open(home)
+    parsed = parse_request(request)
+    console.print(f"request from '{parsed.hospital}' (both signatures verify)")
+    console.print(f"  secure-aggregation key fingerprint: {parsed.secagg_fingerprint}")
+    console.print(f"  node-authentication key fingerprint: {parsed.node_auth_fingerprint}")
+    console.print("  compare both with the hospital's IT on the phone before sending the bundle")
+    bundle = consortium.enroll(parsed, replace=replace)
+    others = [p for p in consortium.write_all_bundles() if p != bundle]
+    console.print(f"join bundle: {bundle}")
+    if others:
+        console.print(
+            f"roster changed: {len(others)} other member bundle(s) refreshed in "
+            f"{consortium.bundles_dir}; each member runs 'silo join' with its new bundle"
+        )
+    _sync_if_running(consortium)
+
+
+def members(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+    """List member silos with their fingerprints."""
+    consortium = ConsortiumHome.open(home)
+    current = consortium.members()
+    if as_json:
+        import json
+
+        print(json.dumps({"members": current, "removed": consortium.removed()}, indent=2))
+        return
+    table = Table(title=f"consortium '{consortium.name}' ({len(current)} members)")
+    for column in ("silo", "secure-agg fingerprint", "node-auth fingerprint", "enrolled"):
+        table.add_column(column)
+    for name, rec in sorted(current.items()):
+        table.add_row(
+            name, rec["secagg_fingerprint"], rec["node_auth_fingerprint"], rec["enrolled"]
+        )
+    console.print(table)
+    for name, rec in sorted(consortium.removed().items()):
+        console.print(f"removed: {name} on {rec.get('removed', '?')}")
+
+
+def remove(
+    name: str = typer.Argument(..., help="The member to revoke."),
+    home: Path = _home_option(),
+) -> None:
+    """Revoke a member: out of the roster and out of the SuperLink's authorised nodes."""
+    consortium = ConsortiumHome.open(home)
+    consortium.remove(name)
+    (consortium.bundles_dir / f"{name}.join.json").unlink(missing_ok=True)
+    consortium.write_all_bundles()
+    console.print(
+        f"'{name}' removed from the roster; bundles refreshed for the remaining members "
+        f"(each runs 'silo join' with its new bundle)"
+    )
+    _sync_if_running(consortium)
+
+
+def renew(
+    home: Path = _home_option(),
+    days: int = typer.Option(397, "--days", help="Validity of the new certificate."),
+) -> None:
+    """Reissue the SuperLink certificate under the same CA (no silo changes anything)."""
+    from aggregator.pki import certificate_info
+
+    consortium = ConsortiumHome.open(home)
+    consortium.renew(days=days)
+    info = certificate_info(consortium.server_cert)
+    console.print(
+        f"SuperLink certificate reissued under the same CA, valid until {info.not_after:%Y-%m-%d}"
+    )
+    if _superlink_running(consortium):
+        console.print("restart 'aggregator start' so the SuperLink serves the new certificate")
+
+
+def _children_by_parent_pid(pid: int) -> list[int]:
+    """SuperExec helpers are detached from the SuperLink but carry --parent-pid PID."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--parent-pid" in args:
+            index = args.index(b"--parent-pid")
+            if index + 1 < len(args) and args[index + 1] == str(pid).encode():
+                found.append(int(entry.name))
+    return found
+
+
+def superlink_command(consortium: ConsortiumHome, bind: str, port: int) -> list[str]:
+    """The flower-superlink command line for this home."""
+    exe = Path(sys.executable).parent / "flower-superlink"
+    return [
+        str(exe) if exe.exists() else "flower-superlink",
+        "--ssl-certfile",
+        str(consortium.server_cert),
+        "--ssl-keyfile",
+        str(consortium.server_key),
+        "--ssl-ca-certfile",
+        str(consortium.ca_cert),
+        "--host",
+        bind,
+        "--port",
+        str(port),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(consortium.database),
+    ]
+
+
+def start(
+    home: Path = _home_option(),
+    bind: str = typer.Option(
+        None,
+        "--bind",
+        help="Interface to listen on (default: the host of --address, or 127.0.0.1 behind a "
+        "fleet-only front; see docs/operators/consortium.md).",
+    ),
+    port: int = typer.Option(None, "--port", help="Port (default: the port of --address)."),
+    startup_timeout: float = typer.Option(60.0, "--startup-timeout"),
+) -> None:
+    """Run flower-superlink (TLS, SuperNode authentication, persistent database); foreground."""
+    consortium = ConsortiumHome.open(home)
+    ok, line = check_server_certificate(consortium, warn_days=0)
+    if not ok:
+        raise ConsortiumError(line)
+    if _superlink_running(consortium):
+        raise ConsortiumError(
+            f"a SuperLink of this home is already running (pid file {consortium.pid_file})"
+        )
+    host, _, address_port = consortium.address.rpartition(":")
+    bind = bind or host.strip("[]")
+    port = port or int(address_port)
+    from aggregator.consortium import now_iso
+
+    consortium.logs_dir.mkdir(parents=True, exist_ok=True)
+    consortium.flwr_home.mkdir(parents=True, exist_ok=True)
+    log_path = consortium.logs_dir / "superlink.log"
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(consortium.flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    with log_path.open("ab") as handle:
+        handle.write(f"--- aggregator start {now_iso()} ---\n".encode())
+        popen = subprocess.Popen(
+            superlink_command(consortium, bind, port),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=consortium.superlink_dir,
+            start_new_session=True,
+        )
+    consortium.pid_file.write_text(f"{popen.pid}\n")
+
+    def stop(*_: object) -> None:
+        helpers = _children_by_parent_pid(popen.pid)
+        if popen.poll() is None:
+            try:
+                os.killpg(popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for helper in helpers:
+            try:
+                os.kill(helper, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=5)
+        consortium.pid_file.unlink(missing_ok=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        probe_host = "127.0.0.1" if bind in ("0.0.0.0", "::", "127.0.0.1") else bind
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if popen.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                raise ConsortiumError(
+                    f"flower-superlink exited at start (code {popen.returncode}); see {log_path}: "
+                    + " | ".join(tail)
+                )
+            try:
+                with socket.create_connection((probe_host, port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ConsortiumError(
+                        f"flower-superlink did not listen on {bind}:{port} within "
+                        f"{startup_timeout:.0f} s; see {log_path}"
+                    ) from None
+                time.sleep(0.2)
+        control = f"{probe_host}:{port}"
+        report = sync_authorised_nodes(consortium, control)
+        console.print(
+            f"SuperLink '{consortium.name}' listening on {bind}:{port} (TLS, node auth on, "
+            f"database {consortium.database}); authorised nodes: "
+            f"{', '.join(sorted(report.registered + report.present)) or 'none'}; "
+            f"log {log_path}",
+        )
+        sys.stdout.flush()
+        code = popen.wait()
+        consortium.pid_file.unlink(missing_ok=True)
+        raise ConsortiumError(f"flower-superlink exited with code {code}; see {log_path}")
+    except BaseException:
+        if popen.poll() is None:
+            stop()
+        raise
+
+
+def doctor(home: Path = _home_option()) -> None:
+    """One line per check: certificates, keys, roster, SuperLink, clock, disk, GPU."""
+    import datetime as dt
+
+    from aggregator.pki import PkiError, certificate_info
+
+    consortium = ConsortiumHome.open(home)
+    results: list[tuple[bool, str, str]] = []
+    try:
+        ca = certificate_info(consortium.ca_cert)
+        left = ca.days_left()
+        if left < 30:
+            results.append(
+                (
+                    False,
+                    "CA",
+                    f"CA certificate expires in {left:.0f} days: start "
+                    f"the staged CA rotation (docs/operators/consortium.md)",
+                )
+            )
+        else:
+            results.append(
+                (
+                    True,
+                    "CA",
+                    f"CA valid until {ca.not_after:%Y-%m-%d}, fingerprint {ca.fingerprint}",
+                )
+            )
+    except PkiError as exc:
+        results.append((False, "CA", str(exc)))
+    ok, line = check_server_certificate(consortium)
+    results.append((ok, "certificate", line))
+    loose = [
+        str(p)
+        for p in (consortium.ca_key, consortium.server_key)
+        if p.exists() and os.stat(p).st_mode & 0o077
+    ]
+    results.append(
+        (
+            not loose,
+            "key modes",
+            "private keys are 0600"
+            if not loose
+            else f"{', '.join(loose)} readable by others: chmod 600",
+        )
+    )
+    members = consortium.members()
+    roster = consortium.roster()
+    consistent = set(roster) == set(members)
+    results.append(
+        (
+            consistent,
+            "roster",
+            f"roster and members agree ({len(members)} silos)"
+            if consistent
+            else "roster.json and members.json differ: re-run 'aggregator enroll' for the missing",
+        )
+    )
+    if _superlink_running(consortium):
+        reachable, line, skew = probe_tls(local_control_address(consortium), consortium.ca_cert)
+        results.append((reachable, "superlink", line))
+        if skew is not None:
+            results.append((abs(skew) < 5, "clock", f"clock skew vs SuperLink {skew:+.1f} s"))
+        if reachable:
+            try:
+                report = sync_authorised_nodes(consortium, dry_run=True)
+                in_sync = not (report.registered or report.unregistered)
+                results.append(
+                    (
+                        in_sync,
+                        "nodes",
+                        "SuperLink authorised nodes match the members"
+                        if in_sync
+                        else f"SuperLink lacks {report.registered or 'none'} "
+                        f"and has {len(report.unregistered)} node(s) of no member: "
+                        f"restart 'aggregator start' (it syncs)",
+                    )
+                )
+            except ConsortiumError as exc:
+                results.append((False, "nodes", str(exc)))
+    else:
+        results.append((False, "superlink", "SuperLink not running; run 'aggregator start'"))
+    results.append((True, "time", f"UTC now {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S}"))
+    ok, line = free_disk_check(consortium.root)
+    results.append((ok, "disk", line))
+    ok, line = gpu_check()
+    results.append((ok, "gpu", line))
+    if _print_checks(results):
+        raise SystemExit(1)
+
+
+def _print_checks(results: list[tuple[bool, str, str]]) -> int:
+    for ok, name, line in results:
+        mark = "[green]ok  [/]" if ok else "[red]FAIL[/]"
+        console.print(f"{mark} {name:<12} {line}", highlight=False)
+    return sum(1 for ok, _, _ in results if not ok)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the consortium commands on the `aggregator` app."""
+    app.command("init")(init)
+    app.command("enroll")(enroll)
+    app.command("members")(members)
+    app.command("remove")(remove)
+    app.command("start")(start)
+    app.command("doctor")(doctor)
+    app.command("renew")(renew)
