@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 
+from silo_client.cli_enroll import register as _register_enrollment  # noqa: E402
+
+_register_enrollment(app)
+
 
 def _home_option() -> Path:
     return typer.Option(
@@ -41,12 +45,13 @@ def init(
     """Create the silo home (or update its name and default dataset)."""
     if dataset is not None and not dataset.is_dir():
         raise SiloError(f"dataset folder {dataset} does not exist; pass the folder holding dicom/")
+    from silo_client.cli_enroll import report_enrollment
     from silo_client.identity import ensure_identity
 
     silo = init_silo_home(home, name, dataset)
-    identity = ensure_identity(silo)
+    ensure_identity(silo)
     console.print(f"silo '{silo.name}' ready in {silo.root}")
-    console.print(f"secure-aggregation identity fingerprint: {identity.fingerprint()}")
+    report_enrollment(silo)
 
 
 @app.command()
