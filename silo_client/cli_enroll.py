@@ -1,0 +1,413 @@
+"""Consortium commands of `silo`: join, start (a supervised SuperNode), doctor.
+
+`silo init` (in silo_client/cli.py) calls :func:`report_enrollment` to create the node key and
+the signed enrollment request. Everything here talks only to the SuperLink named in the join
+bundle; errors are :class:`SiloConfigError` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from silo_client.enrollment import (
+    ca_path,
+    install_bundle,
+    installed_consortium,
+    node_key_path,
+    plan_join,
+    read_bundle,
+    write_enrollment_request,
+)
+from silo_client.errors import SiloConfigError
+from silo_client.home import HOME_ENV, SiloHome
+
+console = Console(soft_wrap=True)
+
+#: Lines in a SuperNode log that mean the SuperLink refused this node's key (Flower 1.42).
+AUTH_REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode", "Invalid SuperNode auth")
+
+
+def _home_option() -> Path:
+    return typer.Option(
+        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
+        "--home",
+        help=f"Silo home folder (env {HOME_ENV}).",
+    )
+
+
+def report_enrollment(silo: SiloHome) -> None:
+    """Create the node key and enrollment request; print both fingerprints."""
+    enrollment = write_enrollment_request(silo)
+    console.print(f"secure-aggregation identity fingerprint: {enrollment.secagg_fingerprint}")
+    console.print(f"node-authentication key fingerprint:     {enrollment.node_auth_fingerprint}")
+    console.print(
+        f"enrollment request: {enrollment.request_path} (send it to the consortium operator and "
+        f"read both fingerprints to them on the phone)"
+    )
+
+
+def join(
+    bundle: Path = typer.Argument(..., help="The join bundle the consortium sent."),
+    home: Path = _home_option(),
+    yes: bool = typer.Option(False, "--yes", help="Install a changed roster without asking."),
+) -> None:
+    """Install a join bundle: CA, SuperLink address, and the roster this silo pins."""
+    silo = SiloHome.open(home)
+    parsed = read_bundle(bundle)
+    plan = plan_join(silo, parsed)
+    if not plan.own_key_ok:
+        raise SiloConfigError(
+            f"the bundle's roster does not hold this silo's identity key for '{silo.name}'; do "
+            f"not install it, and call the consortium operator"
+        )
+    table = Table(title=f"consortium '{parsed.consortium}' at {parsed.superlink}")
+    for column in ("silo", "secure-agg fingerprint", "node-auth fingerprint"):
+        table.add_column(column)
+    for name, rec in sorted(parsed.members.items()):
+        mark = " (this silo)" if name == silo.name else ""
+        table.add_row(
+            name + mark, rec.get("secagg_fingerprint", "?"), rec.get("node_auth_fingerprint", "?")
+        )
+    console.print(table)
+    console.print(f"CA fingerprint: {parsed.ca_fingerprint}")
+    if plan.ca_changed:
+        console.print("[yellow]the consortium CA differs from the one installed[/]")
+    if not plan.first_join:
+        if plan.diff.empty and not plan.ca_changed:
+            install_bundle(silo, parsed)
+            console.print("roster unchanged; bundle re-installed")
+            return
+        for name in plan.diff.added:
+            console.print(f"[green]+ {name}[/] joins the roster")
+        for name in plan.diff.removed:
+            console.print(f"[red]- {name}[/] leaves the roster")
+        for name in plan.diff.changed:
+            console.print(f"[yellow]~ {name}[/] has a NEW key: confirm its fingerprint by phone")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise SiloConfigError(
+                    "the roster changed; compare the fingerprints above, then re-run "
+                    "'silo join' with --yes to install it"
+                )
+            if not typer.confirm("Install this roster?", default=False):
+                raise SiloConfigError("roster change not installed; the pinned roster is kept")
+    install_bundle(silo, parsed)
+    console.print(
+        f"joined '{parsed.consortium}': {len(parsed.members)} member(s) pinned; SuperLink "
+        f"{parsed.superlink}"
+    )
+
+
+# --------------------------------------------------------------------- checks
+def probe_tls(address: str, ca_file: Path, timeout: float = 5.0) -> tuple[bool, str, float | None]:
+    """TLS handshake and GET /health; (ok, one line, clock skew in s from the Date header)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            tls.sendall(
+                f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data and len(data) < 65536:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except ssl.SSLCertVerificationError as exc:
+        reason = exc.verify_message or str(exc)
+        if "expired" in reason:
+            hint = (
+                "the SuperLink's certificate has expired: ask the consortium to 'aggregator renew'"
+            )
+        elif "self-signed" in reason or "local issuer" in reason:
+            hint = (
+                "the SuperLink's certificate is not signed by the consortium CA this silo "
+                "joined with: check the address, or ask for a fresh join bundle"
+            )
+        else:
+            hint = "check the SuperLink address and the consortium CA"
+        return False, f"TLS to {address} refused: {reason} ({hint})", None
+    except (OSError, ValueError) as exc:
+        return (
+            False,
+            f"SuperLink {address} unreachable ({exc}): network, firewall, or is it up?",
+            None,
+        )
+    skew = None
+    for line in data.split(b"\r\n"):
+        if line.lower().startswith(b"date:"):
+            try:
+                server = email.utils.parsedate_to_datetime(line[5:].decode().strip())
+                skew = time.time() - server.timestamp()
+            except (TypeError, ValueError):
+                skew = None
+    return True, f"SuperLink {address} reachable with TLS", skew
+
+
+def _cert_days_left(path: Path) -> float:
+    import datetime as dt
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+
+
+def doctor(home: Path = _home_option()) -> None:
+    """One line per check: joined, CA, keys, roster, SuperLink TLS, clock, disk, GPU, PACS."""
+    import json
+    import shutil
+
+    from silo_client.identity import key_path, load_roster
+
+    silo = SiloHome.open(home)
+    results: list[tuple[bool, str, str]] = []
+    try:
+        info = installed_consortium(silo)
+    except SiloConfigError as exc:
+        info = None
+        results.append((False, "joined", str(exc)))
+    if info:
+        results.append((True, "joined", f"consortium '{info['consortium']}', {info['superlink']}"))
+        left = _cert_days_left(ca_path(silo))
+        results.append(
+            (
+                left >= 30,
+                "CA",
+                f"consortium CA valid {left:.0f} more days"
+                if left >= 30
+                else f"consortium CA expires in {left:.0f} days: ask the consortium "
+                f"about its CA rotation",
+            )
+        )
+    for label, path in (("identity key", key_path(silo)), ("node key", node_key_path(silo))):
+        if not path.exists():
+            results.append((False, label, f"missing: run 'silo init --home {silo.root}'"))
+        elif os.stat(path).st_mode & 0o077:
+            results.append((False, label, f"{path} readable by others: chmod 600 it"))
+        else:
+            results.append((True, label, "present, 0600"))
+    if info:
+        try:
+            roster = load_roster(silo)
+            fingerprints = {n: roster.fingerprint(n) for n in roster}
+            expected = {n: r.get("secagg_fingerprint") for n, r in info["members"].items()}
+            own = silo.name in roster
+            ok = own and fingerprints == expected
+            results.append(
+                (
+                    ok,
+                    "roster",
+                    f"pinned roster of {len(roster)} silos, this silo included"
+                    if ok
+                    else "pinned roster does not match the installed bundle or lacks this "
+                    "silo: run 'silo join BUNDLE' again",
+                )
+            )
+        except SiloConfigError as exc:
+            results.append((False, "roster", str(exc)))
+        reachable, line, skew = probe_tls(info["superlink"], ca_path(silo))
+        results.append((reachable, "superlink", line))
+        if skew is not None:
+            results.append(
+                (
+                    abs(skew) < 5,
+                    "clock",
+                    f"clock skew vs SuperLink {skew:+.1f} s"
+                    + ("" if abs(skew) < 5 else ": fix NTP (node auth needs < 5 s)"),
+                )
+            )
+    free = shutil.disk_usage(silo.root).free / 1e9
+    results.append((free >= 5, "disk", f"{free:.1f} GB free at {silo.root}"))
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # a broken CUDA install is reported as 'no GPU', not a crash
+        gpu = None
+    results.append((True, "gpu", f"GPU visible: {gpu}" if gpu else "no GPU (CPU training)"))
+    config = json.loads((silo.root / "silo.json").read_text())
+    pacs = config.get("pacs")
+    results.append((True, "pacs", "no PACS configured" if not pacs else f"PACS {pacs} configured"))
+    failed = 0
+    for ok, name, line in results:
+        failed += not ok
+        mark = "[green]ok  [/]" if ok else "[red]FAIL[/]"
+        console.print(f"{mark} {name:<12} {line}", highlight=False)
+    if failed:
+        raise SystemExit(1)
+
+
+# --------------------------------------------------------------------- supervised SuperNode
+def _children_by_parent_pid(pid: int) -> list[int]:
+    """SuperExec helpers are detached from the SuperNode but carry --parent-pid PID."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--parent-pid" in args:
+            index = args.index(b"--parent-pid")
+            if index + 1 < len(args) and args[index + 1] == str(pid).encode():
+                found.append(int(entry.name))
+    return found
+
+
+def _stop(popen: subprocess.Popen) -> None:
+    helpers = _children_by_parent_pid(popen.pid)
+    if popen.poll() is None:
+        try:
+            os.killpg(popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for helper in helpers:
+        try:
+            os.kill(helper, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait(timeout=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def supernode_command(silo: SiloHome, superlink: str, runtime_port: int) -> list[str]:
+    """The flower-supernode command line for this silo."""
+    exe = Path(sys.executable).parent / "flower-supernode"
+    return [
+        str(exe) if exe.exists() else "flower-supernode",
+        "--root-certificates",
+        str(ca_path(silo)),
+        "--superlink",
+        superlink,
+        "--auth-supernode-private-key",
+        str(node_key_path(silo)),
+        "--node-config",
+        f'home="{silo.root}"',
+        "--port",
+        str(runtime_port),
+        "--max-wait-time",
+        "300",
+    ]
+
+
+def start(
+    home: Path = _home_option(),
+    runtime_port: int = typer.Option(
+        0, "--runtime-port", help="Local port of the SuperNode's runtime API (0: pick a free one)."
+    ),
+    max_restarts: int = typer.Option(
+        -1, "--max-restarts", help="Give up after this many restarts (-1: never)."
+    ),
+    max_backoff: float = typer.Option(60.0, "--max-backoff", help="Longest wait between restarts."),
+) -> None:
+    """Run flower-supernode (TLS, node auth, node-config home=...), restarting it if it dies."""
+    silo = SiloHome.open(home)
+    info = installed_consortium(silo)
+    if not node_key_path(silo).exists():
+        raise SiloConfigError(f"silo '{silo.name}' has no node key; run 'silo init' first")
+    superlink = str(info["superlink"])
+    reachable, line, _ = probe_tls(superlink, ca_path(silo))
+    if not reachable and "TLS" in line:
+        raise SiloConfigError(line)
+    silo.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = silo.logs_dir / "supernode.log"
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(silo.root / "flwr-home")
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault("FEDSILO_TORCH_THREADS", "1")
+    current: list[subprocess.Popen] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        for popen in current:
+            _stop(popen)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    console.print(
+        f"silo '{silo.name}': SuperNode for {superlink}"
+        + ("" if reachable else f" (not reachable yet: {line})")
+        + f"; log {log_path}"
+    )
+    sys.stdout.flush()
+    restarts, backoff = 0, 1.0
+    while True:
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        started = time.monotonic()
+        with log_path.open("ab") as handle:
+            handle.write(f"--- silo start: SuperNode launch {restarts + 1} ---\n".encode())
+            handle.flush()
+            popen = subprocess.Popen(
+                supernode_command(silo, superlink, runtime_port or _free_port()),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=silo.root,
+                start_new_session=True,
+            )
+        current[:] = [popen]
+        try:
+            code = popen.wait()
+        finally:
+            if popen.poll() is None:
+                _stop(popen)
+        with log_path.open("rb") as handle:
+            handle.seek(offset)
+            tail = handle.read().decode(errors="replace")
+        if any(marker in tail for marker in AUTH_REFUSED_MARKERS):
+            raise SiloConfigError(
+                f"the SuperLink refused this silo's node key (not enrolled, or removed from the "
+                f"consortium): send {silo.root / 'enrollment-request.json'} to the consortium "
+                f"operator and ask them to run 'aggregator enroll'"
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in tail:
+            _, line, _ = probe_tls(superlink, ca_path(silo))
+            raise SiloConfigError(line)
+        restarts += 1
+        if 0 <= max_restarts < restarts:
+            raise SiloConfigError(
+                f"the SuperNode exited (code {code}) {restarts} times; giving up, see {log_path}"
+            )
+        if time.monotonic() - started > 300:
+            backoff = 1.0  # it ran for a while: a fresh failure, not a crash loop
+        console.print(f"SuperNode exited with code {code}; restarting in {backoff:.0f} s")
+        sys.stdout.flush()
+        time.sleep(backoff)
+        backoff = min(max_backoff, backoff * 2)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount join, start and doctor on the `silo` app."""
+    app.command("join")(join)
+    app.command("start")(start)
+    app.command("doctor")(doctor)
