@@ -29,19 +29,15 @@ from typing import Any, NamedTuple
 
 import monai.data
 import numpy as np
-import pydicom
 import torch
 from monai.transforms import Compose, EnsureType, ScaleIntensityRange
 from pydicom.dataset import Dataset as DicomDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
 )
 
 from silo_client.data import cache as _cache
+from silo_client.data.dicom_read import _looks_like_dicom, _read_dicom  # noqa: F401
 from silo_client.errors import DataError
 
 __all__ = [
@@ -53,6 +49,7 @@ __all__ = [
     "SkippedFile",
     "build_dataset",
     "load_labels",
+    "preprocess_pixels",
     "scan_dicom_folder",
 ]
 
@@ -217,46 +214,6 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else type(exc).__name__
     return msg if len(msg) <= 160 else msg[:157] + "..."
-
-
-def _looks_like_dicom(ds: DicomDataset) -> bool:
-    """After a forced read: does this look like a DICOM dataset and not random bytes?"""
-    try:
-        tags = list(ds.keys())
-        if len(tags) < 3:
-            return False
-        standard = sum(1 for t in tags if t.group % 2 == 0 and 0x0008 <= t.group <= 0x7FE0)
-        has_image_tags = ("Rows" in ds and "Columns" in ds) or "SOPClassUID" in ds
-        return has_image_tags and standard >= 0.9 * len(tags)
-    except Exception:
-        return False
-
-
-def _read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
-    """Read a file; tolerate a missing preamble / file meta, reject non-DICOM bytes."""
-    try:
-        return pydicom.dcmread(path), None
-    except InvalidDicomError:
-        pass
-    except Exception as exc:
-        return None, f"unreadable DICOM ({_one_line(exc)})"
-    # No 128-byte preamble + 'DICM': real exports sometimes omit it. Try a forced read, but
-    # only accept it when every tag parsed is a plausible image-dataset tag.
-    try:
-        ds = pydicom.dcmread(path, force=True)
-        if not _looks_like_dicom(ds):
-            return None, "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
-        if "TransferSyntaxUID" not in ds.file_meta:
-            implicit, little = ds.original_encoding
-            if implicit:
-                ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            elif little:
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            else:
-                ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-        return ds, None
-    except Exception:
-        return None, "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
 
 
 def _float_tag(ds: DicomDataset, keyword: str, default: float | None) -> float | None:
@@ -615,6 +572,28 @@ def _from_cache(entry: dict[str, Any], version: str) -> LocalDataset | None:
     )
 
 
+def preprocess_pixels(
+    pixels: np.ndarray,
+    file_window: tuple[float, float],
+    photometric: str,
+    preprocessing: Preprocessing,
+    spatial: Compose | None = None,
+) -> torch.Tensor:
+    """One ``[H, W]`` image (modality-LUT units) -> ``[1, S, S]`` float32 tensor in [0, 1]."""
+    if preprocessing.window_center is not None and preprocessing.window_width is not None:
+        half = preprocessing.window_width / 2.0
+        lower, upper = preprocessing.window_center - half, preprocessing.window_center + half
+    else:
+        lower, upper = file_window
+    if upper <= lower:
+        upper = lower + 1.0
+    invert = photometric == "MONOCHROME1"
+    img = torch.from_numpy(pixels.astype(np.float32))[None]
+    img = preprocessing.intensity_transform(lower, upper, invert)(img)
+    spatial = spatial if spatial is not None else preprocessing.spatial_transform()
+    return torch.as_tensor(spatial(img)).as_subclass(torch.Tensor)
+
+
 def build_dataset(
     folder: Path,
     preprocessing: Preprocessing,
@@ -623,6 +602,9 @@ def build_dataset(
 ) -> LocalDataset:
     """Build the preprocessed dataset of ``folder`` (``dicom/`` + ``labels.csv``).
 
+    A folder registered with ``silo data add`` (it holds the catalogue marker) is built from
+    the catalogue instead: its usable files and their resolved labels.
+
     With ``cache_dir``, tensors are reused when neither the files (paths, sizes, mtimes),
     ``labels.csv`` nor the preprocessing changed: then no DICOM is decoded. Images whose
     study has no label are skipped ("no label in labels.csv"); label rows matching no study
@@ -630,6 +612,12 @@ def build_dataset(
     no image has a label.
     """
     folder = Path(folder)
+    from silo_client.data.ingest import MARKER_FILE
+
+    if labels_csv is None and (folder / MARKER_FILE).is_file():
+        from silo_client.data.catalogued import build_catalogued_dataset
+
+        return build_catalogued_dataset(folder, preprocessing, cache_dir)
     if not folder.is_dir():
         raise DataError(
             f"data folder {folder} does not exist; register the hospital's data folder "
@@ -673,17 +661,12 @@ def build_dataset(
         if uid not in labels:
             skipped.append(SkippedFile(rel, f"no label in labels.csv (StudyInstanceUID {uid})"))
             continue
-        if preprocessing.window_center is not None and preprocessing.window_width is not None:
-            half = preprocessing.window_width / 2.0
-            lower, upper = preprocessing.window_center - half, preprocessing.window_center + half
-        else:
-            lower, upper = decoded.window
-        if upper <= lower:
-            upper = lower + 1.0
-        invert = decoded.instance.photometric_interpretation == "MONOCHROME1"
-        img = torch.from_numpy(decoded.pixels.astype(np.float32))[None]
-        img = preprocessing.intensity_transform(lower, upper, invert)(img)
-        images.append(torch.as_tensor(spatial(img)).as_subclass(torch.Tensor))
+        images.append(
+            preprocess_pixels(
+                decoded.pixels, decoded.window,
+                decoded.instance.photometric_interpretation, preprocessing, spatial,
+            )
+        )  # fmt: skip
         ys.append(labels[uid][0])
         study_uids.append(uid)
         paths.append(rel)

@@ -1,0 +1,547 @@
+"""Register a dataset in the silo's catalogue: look at every file once, record what it is.
+
+An ingest walks a folder (or the folder a PACS pull wrote into), reads each file it has not
+recorded yet (same path, size and mtime means already recorded), decodes its pixels to be sure
+they can be used, and records it as ``ok`` with its metadata or ``skipped`` with a precise
+reason. Batches are committed as they go, so an interrupted ingest resumes where it stopped.
+
+A registered dataset gets a managed folder ``<home>/datasets/<name>/`` holding a marker file
+(:data:`MARKER_FILE`) and, for PACS pulls, the retrieved files under ``dicom/``; the silo's
+``silo.json`` maps the name to that folder, so ``SiloHome.dataset_folder(name)`` and the
+training loader (:func:`silo_client.data.dicom_dataset.build_dataset`) find it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset as DicomDataset
+from pydicom.uid import UID
+
+from silo_client.data.catalogue import (
+    KEY_TAGS,
+    Catalogue,
+    DatasetRecord,
+    FileRecord,
+    key_digest,
+    label_key,
+)
+from silo_client.data.dicom_read import read_dicom
+from silo_client.errors import DataError
+
+__all__ = [
+    "MARKER_FILE",
+    "IngestSummary",
+    "ingest_folder",
+    "inspect_file",
+    "load_frames",
+    "managed_folder",
+    "read_label_table",
+    "register_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER_FILE = "fedsilo-dataset.json"
+_BATCH = 256
+_SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+# Words in a SOP class name -> what the object is, for precise skip reasons.
+_NON_IMAGE_KINDS: tuple[tuple[str, str], ...] = (
+    ("SR Storage", "a structured report (SR)"),
+    ("Presentation State", "a presentation state"),
+    ("RT Plan", "an RT plan"),
+    ("RT Structure Set", "an RT structure set"),
+    ("RT Dose", "an RT dose grid"),
+    ("Key Object Selection", "a key object selection (KOS)"),
+    ("Segmentation", "a segmentation object"),
+    ("Encapsulated PDF", "an encapsulated PDF"),
+    ("Raw Data", "raw data"),
+    ("Waveform", "a waveform"),
+    ("Registration", "a spatial registration"),
+)
+
+
+def managed_folder(home_root: Path, name: str) -> Path:
+    """The folder a registered dataset's marker (and pulled files) live in."""
+    return Path(home_root) / "datasets" / name
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
+def _num(ds: DicomDataset, keyword: str, index: int = 0) -> float | None:
+    """A numeric tag's value (``index`` of a multi-value), None when absent or not a number."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or (hasattr(value, "__getitem__") and not isinstance(
+            value, str
+        )):
+            value = value[index]
+        out = float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _functional(ds: DicomDataset, sequence: str, keyword: str, index: int = 0) -> float | None:
+    """A value from the shared functional groups of an enhanced multi-frame object."""
+    try:
+        item = ds.SharedFunctionalGroupsSequence[0][sequence][0]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+    return _num(item, keyword, index)
+
+
+def _rescale(ds: DicomDataset) -> tuple[float, float]:
+    slope = _num(ds, "RescaleSlope")
+    intercept = _num(ds, "RescaleIntercept")
+    if slope is None and intercept is None:
+        slope = _functional(ds, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(ds, "PixelValueTransformationSequence", "RescaleIntercept")
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+
+
+def _non_image_reason(ds: DicomDataset) -> str | None:
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if not sop_class:
+        return None
+    name = UID(sop_class).name
+    if name == sop_class or "Image" in name:
+        return None
+    kind = next((what for word, what in _NON_IMAGE_KINDS if word in name), "not an image")
+    return f"non-image SOP class '{name}' ({sop_class}): {kind}, no image to train on"
+
+
+def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
+    """Validate an image object and decode its frames (``[F, H, W]`` stored values)."""
+    reason = _non_image_reason(ds)
+    if reason:
+        return None, reason
+    if "PixelData" not in ds:
+        other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        if other:
+            return None, f"unsupported {other[0]} (only integer PixelData is used)"
+        return None, "no pixel data (tag (7FE0,0010) PixelData is absent)"
+    if not str(ds.get("StudyInstanceUID", "") or "").strip():
+        return None, "no StudyInstanceUID (needed to match labels and group studies)"
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if not photometric:
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            return None, "no PhotometricInterpretation and SamplesPerPixel != 1"
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        photometric = "MONOCHROME2"
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        return None, (
+            f"unsupported PhotometricInterpretation '{photometric}' "
+            "(only grayscale MONOCHROME1/MONOCHROME2 is used)"
+        )
+    slope, _ = _rescale(ds)
+    if slope == 0:
+        return None, "invalid RescaleSlope 0"
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        where = f" in {UID(str(syntax)).name}" if syntax else ""
+        return None, f"pixel data{where} cannot be decoded ({_one_line(exc)})"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and raw.ndim == 3:
+        stack = raw
+    elif raw.ndim == 2:
+        stack = raw[None]
+    else:
+        return None, f"pixel data has shape {raw.shape}, expected grayscale frames"
+    if stack.size == 0:
+        return None, "pixel data is empty"
+    return stack, None
+
+
+def _read(path: Path) -> tuple[DicomDataset | None, str | None]:
+    return read_dicom(path)
+
+
+def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
+    """Read and decode one file; an ``ok`` record with metadata, or ``skipped`` with why."""
+    ds, reason = _read(path)
+    if ds is None:
+        return FileRecord(rel, size, mtime_ns, "skipped", reason)
+    try:
+        stack, reason = _examine(ds)
+        if stack is None:
+            return FileRecord(rel, size, mtime_ns, "skipped", reason)
+        study = str(ds.StudyInstanceUID).strip()
+        patient = str(ds.get("PatientID", "") or "").strip()
+        accession = str(ds.get("AccessionNumber", "") or "").strip()
+        group_src = f"patient:{patient}" if patient else f"study:{study}"
+        spacing_row = _num(ds, "PixelSpacing", 0) or _num(ds, "ImagerPixelSpacing", 0)
+        spacing_col = _num(ds, "PixelSpacing", 1) or _num(ds, "ImagerPixelSpacing", 1)
+        if spacing_row is None:
+            spacing_row = _functional(ds, "PixelMeasuresSequence", "PixelSpacing", 0)
+            spacing_col = _functional(ds, "PixelMeasuresSequence", "PixelSpacing", 1)
+        thickness = _num(ds, "SliceThickness")
+        if thickness is None:
+            thickness = _functional(ds, "PixelMeasuresSequence", "SliceThickness")
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        return FileRecord(
+            path=rel,
+            size=size,
+            mtime_ns=mtime_ns,
+            status="ok",
+            study_uid=study,
+            series_uid=str(ds.get("SeriesInstanceUID", "") or "").strip() or f"{study}.?",
+            sop_uid=str(ds.get("SOPInstanceUID", "") or "").strip() or None,
+            sop_class=str(ds.get("SOPClassUID", "") or "") or None,
+            modality=str(ds.get("Modality", "") or "").strip() or None,
+            rows=int(stack.shape[1]),
+            columns=int(stack.shape[2]),
+            frames=int(stack.shape[0]),
+            spacing_row=spacing_row,
+            spacing_col=spacing_col,
+            slice_thickness=thickness,
+            transfer_syntax=str(syntax) if syntax else None,
+            photometric=str(ds.PhotometricInterpretation).strip().upper(),
+            bits_stored=int(ds.get("BitsStored", 0) or 0) or None,
+            accession_digest=key_digest("AccessionNumber", accession) if accession else None,
+            patient_digest=key_digest("PatientID", patient) if patient else None,
+            patient_group=hashlib.sha256(f"fedsilo-group\0{group_src}".encode()).hexdigest()[:16],
+        )
+    except Exception as exc:  # malformed element values, odd VRs, ...
+        return FileRecord(rel, size, mtime_ns, "skipped", f"unreadable DICOM ({_one_line(exc)})")
+
+
+def load_frames(path: Path) -> tuple[np.ndarray, tuple[float, float], str]:
+    """Decode a catalogued image: (``[F, H, W]`` float64 after the modality LUT, file window
+    as [lower, upper], photometric interpretation). Raises DataError when it no longer can."""
+    ds, reason = _read(path)
+    if ds is None:
+        raise DataError(f"{path}: {reason}")
+    stack, reason = _examine(ds)
+    if stack is None:
+        raise DataError(f"{path}: {reason}")
+    slope, intercept = _rescale(ds)
+    pixels = stack.astype(np.float64) * slope + intercept
+    if not np.isfinite(pixels).all():
+        raise DataError(f"{path}: pixel values are not finite after RescaleSlope/Intercept")
+    center = _num(ds, "WindowCenter")
+    width = _num(ds, "WindowWidth")
+    if center is not None and width is not None and width > 0:
+        window = (center - width / 2.0, center + width / 2.0)
+    else:
+        window = (float(pixels.min()), float(pixels.max()))
+    return pixels, window, str(ds.PhotometricInterpretation).strip().upper()
+
+
+# ------------------------------------------------------------------------------------ labels
+
+
+def read_label_table(
+    csv_path: Path, key_tag: str = "StudyInstanceUID", label_column: str = "label"
+) -> dict[str, tuple[int, int]]:
+    """Read a labels CSV into {stored key: (label, line)} (IDs are stored as digests).
+
+    Raises DataError naming the file and line for: missing file, missing column, short row,
+    empty key, non-integer or negative label, a key labelled twice.
+    """
+    if key_tag not in KEY_TAGS:
+        raise DataError(
+            f"--key {key_tag} is not supported; use one of {', '.join(KEY_TAGS)}"
+        )
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(
+            f"labels file {csv_path} does not exist; pass a CSV with columns "
+            f"'{key_tag},{label_column}'"
+        )
+    try:
+        lines = csv_path.read_text(encoding="utf-8-sig").splitlines()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DataError(
+            f"labels file {csv_path} cannot be read as UTF-8 text ({_one_line(exc)}); "
+            "save it as a UTF-8 CSV"
+        ) from None
+    if not lines or not lines[0].strip():
+        raise DataError(
+            f"labels file {csv_path} is empty; its first line must be '{key_tag},{label_column}'"
+        )
+    reader = csv.reader(lines)
+    header = [h.strip() for h in next(reader)]
+    missing = [c for c in (key_tag, label_column) if c not in header]
+    if missing:
+        raise DataError(
+            f"labels file {csv_path} line 1: missing column(s) {', '.join(missing)} "
+            f"(found: {', '.join(header) or 'none'}); pass --key/--label-column to name them"
+        )
+    i_key, i_label = header.index(key_tag), header.index(label_column)
+    out: dict[str, tuple[int, int]] = {}
+    for lineno, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) <= max(i_key, i_label):
+            raise DataError(
+                f"labels file {csv_path} line {lineno}: expected {len(header)} columns, "
+                f"got {len(row)}; each row needs a {key_tag} and a {label_column}"
+            )
+        value, raw = row[i_key].strip(), row[i_label].strip()
+        if not value:
+            raise DataError(f"labels file {csv_path} line {lineno}: empty {key_tag}")
+        try:
+            label = int(raw)
+        except ValueError:
+            raise DataError(
+                f"labels file {csv_path} line {lineno}: {label_column} {raw!r} is not an integer "
+                "class index (use 0, 1, ...)"
+            ) from None
+        if label < 0:
+            raise DataError(
+                f"labels file {csv_path} line {lineno}: label {label} is negative; "
+                "labels are class indices 0, 1, ..."
+            )
+        key = label_key(key_tag, value)
+        if key in out:
+            raise DataError(
+                f"labels file {csv_path} line {lineno}: this {key_tag} is already labelled on "
+                f"line {out[key][1]}; keep one row per key"
+            )
+        out[key] = (label, lineno)
+    return out
+
+
+# ------------------------------------------------------------------------------------ ingest
+
+
+@dataclass
+class IngestSummary:
+    """What one ``add`` did: files looked at, new ok/skipped, unchanged, gone, reasons."""
+
+    name: str
+    files: int = 0
+    new_ok: int = 0
+    new_skipped: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    pulled: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+    catalogue: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Newly ingested files per second."""
+        n = self.new_ok + self.new_skipped
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for ``--json``."""
+        return {
+            "name": self.name,
+            "files": self.files,
+            "new_ok": self.new_ok,
+            "new_skipped": self.new_skipped,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "pulled": self.pulled,
+            "seconds": round(self.seconds, 3),
+            "files_per_second": round(self.rate, 1),
+            "new_skip_reasons": self.reasons,
+            "catalogue": self.catalogue,
+        }
+
+
+def _walk(root: Path) -> Iterator[tuple[Path, str, os.stat_result]]:
+    """Every regular file under ``root`` (sorted, relative POSIX paths), skipping our marker."""
+    entries: list[tuple[str, Path, os.stat_result]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fname in filenames:
+            path = Path(dirpath) / fname
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            rel = path.relative_to(root).as_posix()
+            if rel == MARKER_FILE:
+                continue
+            entries.append((rel, path, st))
+    for rel, path, st in sorted(entries, key=lambda e: e[0]):
+        yield path, rel, st
+
+
+def ingest_folder(
+    catalogue: Catalogue,
+    name: str,
+    root: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestSummary:
+    """Record every file under ``root`` not yet recorded (or changed) for dataset ``name``.
+
+    Commits every few hundred files; files recorded before with the same size and mtime are
+    not read again, records of files that vanished are dropped. ``progress(done, total)``
+    is called as files are processed.
+    """
+    started = time.perf_counter()
+    summary = IngestSummary(name=name)
+    known = catalogue.known_files(name)
+    sops = catalogue.ok_sops(name)
+    files = list(_walk(root))
+    summary.files = len(files)
+    present = {rel for _, rel, _ in files}
+    gone = [p for p in known if p not in present]
+    if gone:
+        catalogue.forget_files(name, gone)
+        summary.removed = len(gone)
+        sops = {s: p for s, p in sops.items() if p not in set(gone)}
+    batch: list[FileRecord] = []
+    for done, (path, rel, st) in enumerate(files, start=1):
+        if known.get(rel) == (st.st_size, st.st_mtime_ns):
+            summary.unchanged += 1
+        else:
+            record = inspect_file(path, rel, st.st_size, st.st_mtime_ns)
+            if record.status == "ok" and record.sop_uid:
+                first = sops.get(record.sop_uid)
+                if first is not None and first != rel:
+                    record = FileRecord(
+                        rel, st.st_size, st.st_mtime_ns, "skipped",
+                        f"duplicate of {first} (same SOPInstanceUID)",
+                    )  # fmt: skip
+                else:
+                    sops[record.sop_uid] = rel
+            if record.status == "ok":
+                summary.new_ok += 1
+            else:
+                summary.new_skipped += 1
+                key = (record.reason or "").split(" (")[0]
+                summary.reasons[key] = summary.reasons.get(key, 0) + 1
+            batch.append(record)
+            if len(batch) >= _BATCH:
+                catalogue.record_files(name, batch)
+                batch = []
+        if progress is not None:
+            progress(done, len(files))
+    catalogue.record_files(name, batch)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _write_marker(folder: Path, catalogue: Catalogue, name: str) -> None:
+    from silo_client.home import write_atomic
+
+    payload = {"kind": "fedsilo-catalogued-dataset", "name": name,
+               "catalogue": str(catalogue.path.resolve())}  # fmt: skip
+    write_atomic(folder / MARKER_FILE, json.dumps(payload, indent=2).encode(), mode=0o644)
+
+
+def register_dataset(
+    home: Any,
+    name: str,
+    *,
+    source_kind: str,
+    source: str,
+    files_root: Path,
+    labels_csv: Path | None = None,
+    label_column: str = "label",
+    key_tag: str = "StudyInstanceUID",
+    query: str = "",
+    progress: Callable[[int, int], None] | None = None,
+    pull: Callable[[Catalogue], int] | None = None,
+) -> IngestSummary:
+    """Register (or refresh) dataset ``name`` of silo home ``home`` and ingest what is new.
+
+    Validates the labels file first (errors before any file is read), records the dataset,
+    runs ``pull`` (a PACS retrieval into ``files_root``) if given, ingests the folder, and
+    maps ``name`` to its managed folder in ``silo.json``.
+    """
+    _check_name(name)
+    if key_tag not in KEY_TAGS:
+        raise DataError(f"--key {key_tag} is not supported; use one of {', '.join(KEY_TAGS)}")
+    labels = read_label_table(labels_csv, key_tag, label_column) if labels_csv else None
+    files_root = Path(files_root).expanduser().resolve()
+    if source_kind == "dicom-dir" and not files_root.is_dir():
+        raise DataError(
+            f"DICOM folder {files_root} does not exist; pass the folder with the DICOM files"
+        )
+    folder = managed_folder(home.root, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with Catalogue.of_home(home.root) as catalogue:
+        old = catalogue.dataset(name)
+        if old is not None and (old.source_kind, old.source) != (source_kind, source):
+            raise DataError(
+                f"dataset '{name}' is already registered from {old.source_kind} {old.source}; "
+                f"pick another name or run 'silo data remove {name}' first"
+            )
+        now = time.time()
+        catalogue.upsert_dataset(
+            DatasetRecord(
+                name=name, source_kind=source_kind, source=source, files_root=str(files_root),
+                labels_csv=str(Path(labels_csv).resolve()) if labels_csv else None,
+                label_column=label_column, key_tag=key_tag, query=query, state="ingesting",
+                created=old.created if old else now, updated=now,
+            )
+        )  # fmt: skip
+        if labels is not None:
+            catalogue.set_labels(name, labels)
+        pulled = pull(catalogue) if pull is not None else 0
+        files_root.mkdir(parents=True, exist_ok=True)
+        summary = ingest_folder(catalogue, name, files_root, progress)
+        summary.pulled = pulled
+        catalogue.set_state(name, "complete")
+        summary.catalogue = catalogue.summary(name)
+        _write_marker(folder, catalogue, name)
+    home.datasets[name] = str(folder)
+    home.save()
+    return summary
+
+
+def _check_name(name: str) -> None:
+    ok = name and len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name)
+    if not ok or name.startswith("."):
+        raise DataError(
+            f"dataset name {name!r} is not allowed; use letters, digits, '-', '_' or '.' "
+            "(at most 64, not starting with '.')"
+        )
+
+
+def remove_dataset(home: Any, name: str) -> int:
+    """Forget dataset ``name`` (catalogue rows, managed folder, silo.json entry).
+
+    The hospital's own DICOM folder is never touched; files a PACS pull wrote into the
+    managed folder are deleted. Returns the number of catalogue file records dropped.
+    """
+    import shutil
+
+    with Catalogue.of_home(home.root) as catalogue:
+        record = catalogue.require(name)
+        n = catalogue.remove(name)
+    folder = managed_folder(home.root, name)
+    if folder.is_dir():
+        if record.source_kind == "dicom-dir":
+            (folder / MARKER_FILE).unlink(missing_ok=True)
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    if name in home.datasets:
+        del home.datasets[name]
+        home.save()
+    return n

@@ -1,0 +1,290 @@
+"""`silo data ...`: register the data a silo trains on and look at what it holds.
+
+Everything here runs inside the hospital and prints to the local operator only; nothing is
+sent anywhere. Every command takes ``--json`` for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from silo_client.errors import DataError
+from silo_client.home import HOME_ENV, SiloHome
+
+data_app = typer.Typer(
+    name="data",
+    help="Register DICOM data (folders, DICOMweb, DIMSE) and inspect the catalogue.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(soft_wrap=True)
+
+_KEYS = "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, AccessionNumber or PatientID"
+
+
+def _home_option() -> Path:
+    return typer.Option(
+        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
+        "--home",
+        help=f"Silo home folder (env {HOME_ENV}).",
+    )
+
+
+def _json_option() -> bool:
+    return typer.Option(False, "--json", help="Print JSON instead of text.")
+
+
+def _emit(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def _progress(enabled: bool) -> tuple[Progress | None, Any]:
+    if not enabled:
+        return None, None
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip
+    task = progress.add_task("ingesting", total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+def _audit(home: SiloHome, event: str, **fields: Any) -> None:
+    try:
+        from silo_client.governance.audit import audit
+    except ImportError:  # governance not installed in this build
+        return
+    audit(home.root, event, actor="silo data", **fields)
+
+
+@data_app.command("add")
+def add(
+    name: str = typer.Argument(..., help="Dataset name (letters, digits, - _ .)."),
+    dicom_dir: Path = typer.Option(None, "--dicom-dir", help="Folder of DICOM files (any depth)."),
+    dicomweb: str = typer.Option(None, "--dicomweb", help="DICOMweb base URL of the PACS."),
+    dimse: str = typer.Option(None, "--dimse", help="PACS DIMSE address HOST:PORT."),
+    query: str = typer.Option("", "--query", help="e.g. 'Modality=CT&StudyDate=20200101-'."),
+    user: str = typer.Option(None, "--user", help="PACS user (HTTP basic auth)."),
+    password: str = typer.Option(
+        None, "--password", envvar="FEDSILO_PACS_PASSWORD", help="PACS password."
+    ),
+    token: str = typer.Option(None, "--token", envvar="FEDSILO_PACS_TOKEN", help="Bearer token."),
+    aet: str = typer.Option("FEDSILO", "--aet", help="Our AE title (DIMSE)."),
+    called_aet: str = typer.Option("ORTHANC", "--called-aet", help="The PACS's AE title."),
+    labels: Path = typer.Option(None, "--labels", help="Labels CSV."),
+    label_column: str = typer.Option("label", "--label-column", help="Column with the label."),
+    key: str = typer.Option("StudyInstanceUID", "--key", help=f"Column/tag to match: {_KEYS}."),
+    home: Path = _home_option(),
+    as_json: bool = _json_option(),
+) -> None:
+    """Register a dataset, or ingest what is new in it (resumes an interrupted ingest)."""
+    from silo_client.data.ingest import managed_folder, register_dataset
+
+    sources = [s for s in (dicom_dir, dicomweb, dimse) if s]
+    if len(sources) != 1:
+        raise DataError(
+            "pass exactly one source: --dicom-dir PATH, --dicomweb URL or --dimse HOST:PORT"
+        )
+    silo = SiloHome.open(home)
+    pull = None
+    if dicom_dir is not None:
+        root = Path(dicom_dir).expanduser()
+        # A fedsilo-style dataset folder (dicom/ + labels.csv): take both.
+        if (root / "dicom").is_dir() and (root / "labels.csv").is_file():
+            labels = labels if labels is not None else root / "labels.csv"
+            root = root / "dicom"
+        kind, source, files_root = "dicom-dir", str(root.resolve()), root
+    else:
+        from silo_client.data import pacs
+
+        files_root = managed_folder(silo.root, name) / "dicom"
+        if dicomweb:
+            auth = pacs.PacsAuth(user=user, password=password, token=token)
+            kind, source = "dicomweb", pacs.public_url(dicomweb)
+            pull = pacs.dicomweb_puller(dicomweb, auth, query, files_root)
+        else:
+            kind, source = "dimse", dimse
+            pull = pacs.dimse_puller(dimse, aet, called_aet, query, files_root)
+    progress, update = _progress(not as_json)
+    if progress is not None:
+        progress.start()
+    try:
+        summary = register_dataset(
+            silo, name, source_kind=kind, source=source, files_root=files_root,
+            labels_csv=labels, label_column=label_column, key_tag=key, query=query,
+            progress=update, pull=pull,
+        )  # fmt: skip
+    finally:
+        if progress is not None:
+            progress.stop()
+    cat = summary.catalogue
+    _audit(silo, "dataset-registered", dataset=name, source_kind=kind, ok=cat["ok"],
+           skipped=cat["skipped"])  # fmt: skip
+    if as_json:
+        _emit(summary.to_dict())
+        return
+    new = summary.new_ok + summary.new_skipped
+    console.print(
+        f"dataset '{name}': {summary.files} files looked at, {new} new "
+        f"({summary.new_ok} ok, {summary.new_skipped} skipped), {summary.unchanged} unchanged"
+        + (f", {summary.removed} gone" if summary.removed else "")
+        + (f", {summary.pulled} pulled from the PACS" if summary.pulled else "")
+        + f" in {summary.seconds:.1f}s"
+    )
+    for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
+        console.print(f"  skipped {n}: {reason}")
+    console.print(
+        f"catalogue: {cat['ok']} usable, {cat['skipped']} skipped; labels "
+        + ", ".join(f"{k}: {v}" for k, v in cat["labels"].items())
+    )
+
+
+@data_app.command("list")
+def list_(home: Path = _home_option(), as_json: bool = _json_option()) -> None:
+    """List the registered datasets."""
+    from silo_client.data.catalogue import Catalogue
+
+    silo = SiloHome.open(home)
+    out = []
+    with Catalogue.of_home(silo.root) as catalogue:
+        for record in catalogue.datasets():
+            s = catalogue.summary(record.name)
+            out.append({"name": record.name, "source_kind": record.source_kind,
+                        "source": record.source, "state": record.state, "ok": s["ok"],
+                        "skipped": s["skipped"], "labels": s["labels"]})  # fmt: skip
+        names = {d["name"] for d in out}
+    for key, folder in sorted(silo.datasets.items()):
+        if key not in names:
+            out.append({"name": key, "source_kind": "folder (not catalogued)", "source": folder,
+                        "state": "-", "ok": None, "skipped": None, "labels": {}})  # fmt: skip
+    if as_json:
+        _emit(out)
+        return
+    if not out:
+        console.print("no datasets; register one with 'silo data add NAME --dicom-dir PATH'")
+    for d in out:
+        counts = "" if d["ok"] is None else f"  {d['ok']} ok, {d['skipped']} skipped"
+        line = f"{d['name']}  ({d['source_kind']}) {d['source']}  {d['state']}{counts}"
+        console.print(line, markup=False)
+
+
+@data_app.command("show")
+def show(
+    name: str = typer.Argument(...),
+    home: Path = _home_option(),
+    files: bool = typer.Option(False, "--files", help="List every skipped file."),
+    as_json: bool = _json_option(),
+) -> None:
+    """Counts per modality and label, sizes, and skipped files with reasons."""
+    from silo_client.data.catalogue import Catalogue
+
+    silo = SiloHome.open(home)
+    with Catalogue.of_home(silo.root) as catalogue:
+        summary = catalogue.summary(name)
+        skipped = catalogue.skipped(name)
+    if as_json:
+        _emit({**summary, "skipped_files": [{"path": p, "reason": r} for p, r in skipped]})
+        return
+    s = summary
+    head = f"dataset '{name}' ({s['source_kind']}) {s['source']} ({s['state']})"
+    console.print(head, markup=False)
+    console.print(
+        f"  {s['files']} files: {s['ok']} usable ({s['studies']} studies, {s['series']} series, "
+        f"{s['frames']} frames, {s['bytes'] / 1e6:.1f} MB), {s['skipped']} skipped"
+    )
+    sections = (("modalities", "modalities"), ("labels", "labels"), ("sizes", "dimensions"),
+                ("transfer syntaxes", "transfer_syntaxes"))  # fmt: skip
+    for title, key in sections:
+        console.print(f"  {title}: " + ", ".join(f"{k}: {v}" for k, v in s[key].items()))
+    for reason, n in s["skip_reasons"].items():
+        console.print(f"  skipped {n}: {reason}")
+    if s["unmatched_label_lines"]:
+        console.print(f"  label rows matching nothing: lines {s['unmatched_label_lines'][:20]}")
+    if files:
+        for path, reason in skipped:
+            console.print(f"    {path}: {reason}")
+
+
+@data_app.command("check")
+def check(
+    name: str = typer.Argument(...),
+    home: Path = _home_option(),
+    min_images: int = typer.Option(None, "--min-images", help="Default: the site policy's."),
+    as_json: bool = _json_option(),
+) -> None:
+    """Warnings: label imbalance, mixed modalities, spacing spread, too few images."""
+    from silo_client.data.catalogue import Catalogue
+    from silo_client.data.checks import check_dataset
+
+    silo = SiloHome.open(home)
+    if min_images is None:
+        try:
+            from silo_client.governance.policy import load_policy
+
+            min_images = int(load_policy(silo.root).min_local_examples)
+        except ImportError:
+            min_images = 10
+    with Catalogue.of_home(silo.root) as catalogue:
+        warnings = check_dataset(catalogue, name, min_images)
+    if as_json:
+        _emit({"name": name, "warnings": [w.to_dict() for w in warnings]})
+        return
+    if not warnings:
+        console.print(f"dataset '{name}': no warnings")
+    for w in warnings:
+        console.print(f"[yellow]warning[/] {w.code}: {w.message}")
+
+
+@data_app.command("remove")
+def remove(
+    name: str = typer.Argument(...), home: Path = _home_option(), as_json: bool = _json_option()
+) -> None:
+    """Forget a dataset (the hospital's own DICOM folder is never touched)."""
+    from silo_client.data.ingest import remove_dataset
+
+    silo = SiloHome.open(home)
+    n = remove_dataset(silo, name)
+    _audit(silo, "dataset-removed", dataset=name)
+    if as_json:
+        _emit({"name": name, "removed_file_records": n})
+        return
+    console.print(f"dataset '{name}' removed ({n} catalogue records)")
+
+
+@data_app.command("audit")
+def audit_cmd(
+    name: str = typer.Argument(...), home: Path = _home_option(), as_json: bool = _json_option()
+) -> None:
+    """Which PS3.15 basic-profile attributes the dataset's files carry, and burned-in text."""
+    from silo_client.data.deid_audit import audit_dataset
+
+    silo = SiloHome.open(home)
+    report = audit_dataset(silo.root, name)
+    if as_json:
+        _emit(report)
+        return
+    console.print(
+        f"dataset '{name}': {report['files']} usable files audited against the DICOM PS3.15 "
+        "basic application level confidentiality profile"
+    )
+    for item in report["attributes"]:
+        what = f"{item['keyword']} {item['tag']} ({item['action']})"
+        console.print(f"  {what}: {item['files']} files", markup=False)
+    b = report["burned_in_annotation"]
+    console.print(
+        f"  BurnedInAnnotation: YES {b['YES']}, NO {b['NO']}, absent {b['absent']}"
+        + ("  [red]some images may show identifying text[/]" if b["YES"] else "")
+    )
+    console.print(f"  private tags in {report['files_with_private_tags']} files")
