@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from silo_client.data_cli import data_app
 from silo_client.errors import SiloError
 from silo_client.home import HOME_ENV, SiloHome, init_silo_home
 from training_plan.errors import PlanError
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 
 from silo_client.cli_enroll import register as _register_enrollment  # noqa: E402
