@@ -80,20 +80,39 @@ def guarded(
         try:
             reply = handler(msg, context)
             log.info("answered %s in %.1f s", msg.metadata.message_type, time.monotonic() - started)
-            return reply
         except (SiloError, PlanError) as exc:
             log.warning("refused %s: %s", msg.metadata.message_type, exc)
-            return error_reply(msg, exc)
+            reply = error_reply(msg, exc)
         except Exception as exc:
             log.exception("failed %s", msg.metadata.message_type)
-            return error_reply(msg, exc)
+            reply = error_reply(msg, exc)
+        return _audited(home, msg, context, reply)
 
     run.__name__ = handler.__name__
     run.__doc__ = handler.__doc__
     return run
 
 
-def _plan_and_round(msg: Message):
+def _audited(home: SiloHome, msg: Message, context: Context, reply: Message) -> Message:
+    """Record in the silo's audit log what this reply sends (kind and size, no values)."""
+    from silo_client.governance.enforcement import record_reply
+
+    error = reply.error.reason if reply.has_error() else None
+    size = 0
+    if error is None:
+        from flwr.common.serde import recorddict_to_proto
+
+        size = recorddict_to_proto(reply.content).ByteSize()
+    try:
+        record_reply(home.root, msg.metadata.message_type, str(context.run_id), error, size)
+    except SiloError as exc:  # an unwritable audit log must not let anything leave unrecorded
+        log.error("audit log: %s", exc)
+        return error_reply(msg, exc)
+    return reply
+
+
+def _plan_and_round(msg: Message, context: Context):
+    from silo_client.governance.enforcement import check_plan
     from silo_client.local_round import plan_from_wire
 
     config = msg.content[wire.CONFIG]
@@ -105,7 +124,11 @@ def _plan_and_round(msg: Message):
         raise PlanRefused(
             f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?"
         ) from None
-    return plan_from_wire(plan_json, claimed), server_round
+    plan = plan_from_wire(plan_json, claimed)
+    home = SiloHome.from_node_config(context.node_config)
+    run_id = str(config.get(wire.RUN_ID, context.run_id))
+    check_plan(home, plan, claimed, run_id=run_id, stage=msg.metadata.message_type)
+    return plan, server_round
 
 
 @app.train()
@@ -114,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     """Plain (not securely aggregated) training: reply with the update and the example count."""
     from silo_client.local_round import train_round
 
-    plan, server_round = _plan_and_round(msg)
+    plan, server_round = _plan_and_round(msg, context)
     if plan.secure_aggregation.enabled:
         raise PlanRefused("the plan requires secure aggregation; refusing to send a plain update")
     home = SiloHome.from_node_config(context.node_config)
@@ -122,6 +145,11 @@ def train(msg: Message, context: Context) -> Message:
     keys = list(msg.content[wire.ARRAYS].keys())
     update, result = train_round(
         home, plan, dict(zip(keys, global_arrays, strict=True)), server_round
+    )
+    from silo_client.governance.enforcement import check_min_examples
+
+    check_min_examples(
+        home, result.num_examples, run_id=str(context.run_id), digest=plan_hash_of(msg)
     )
     content = RecordDict(
         {
@@ -140,7 +168,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Plain evaluation of the global model on the silo's validation split."""
     from silo_client.local_round import evaluate_round
 
-    plan, _ = _plan_and_round(msg)
+    plan, _ = _plan_and_round(msg, context)
     home = SiloHome.from_node_config(context.node_config)
     record = msg.content[wire.ARRAYS]
     global_arrays = dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
@@ -153,6 +181,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+def plan_hash_of(msg: Message) -> str:
+    """The plan hash a server message claims (already checked by ``plan_from_wire``)."""
+    return str(msg.content[wire.CONFIG][wire.PLAN_HASH])
 
 
 def _array(value):
