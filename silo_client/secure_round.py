@@ -200,10 +200,14 @@ def _client(home: SiloHome, plan: TrainingPlan) -> SecAggClient:
         ) from None
 
 
-def _plan(plan_json: str, claimed: str) -> TrainingPlan:
+def _plan(home: SiloHome, plan_json: str, claimed: str, run_id: str, stage: str) -> TrainingPlan:
+    """The plan, unaltered, approved here and within the site policy (else PlanRefused)."""
+    from silo_client.governance.enforcement import check_plan
     from silo_client.local_round import plan_from_wire
 
-    return plan_from_wire(plan_json, claimed)
+    plan = plan_from_wire(plan_json, claimed)
+    check_plan(home, plan, claimed, run_id=run_id, stage=stage)
+    return plan
 
 
 def _reply(msg: Message, fields: dict[str, Any]) -> Message:
@@ -234,7 +238,7 @@ def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> 
         raise PlanRefused(
             f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?"
         ) from None
-    plan = _plan(plan_json, claimed)
+    plan = _plan(home, plan_json, claimed, config_run, f"{phase}.sa_hello")
     if (config_run, config_round) != (run_id, round_):
         raise MalformedMessage(
             f"the plan's binding (run {config_run!r}, round {config_round}) differs from the "
@@ -298,7 +302,7 @@ def _stage(
     context = files.load_context()
     if context.get("phase") != phase:
         raise ReplayDetected(f"round {files.stem} is not a {phase} round")
-    plan = _plan(context["plan_json"], context["plan_hash"])
+    plan = _plan(home, context["plan_json"], context["plan_hash"], run_id, f"{phase}.sa_{stage}")
     client = _client(home, plan)
     if stage == "advertise":
         msg_ = validate(request, "advertise", "request")
@@ -370,6 +374,9 @@ def _local_vector(
             "true_neg": float(sums.true_neg),
             "false_neg": float(sums.false_neg),
         }
+    from silo_client.governance.enforcement import check_min_examples
+
+    check_min_examples(home, examples, run_id=files.stem, digest=str(context["plan_hash"]))
     weight = float(min(examples, w_max))
     if examples > w_max:
         log.warning(
