@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,31 @@ def silo_homes(hospitals: Path, tmp_path: Path) -> list:
         for folder in sorted(hospitals.iterdir())
         if folder.is_dir()
     ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _silos_approve_what_they_are_sent() -> Iterator[None]:
+    """Silos approve each plan the first time they see it, as their IT would, under a permissive
+    site policy: the tests outside tests/governance are about other things. tests/governance
+    restores the real gate (``check_plan.__wrapped__``); real processes never see this patch."""
+    from silo_client.governance import enforcement
+    from silo_client.governance.approvals import ApprovalStore, approve_plan
+    from silo_client.governance.policy import SitePolicy, policy_path, save_policy
+
+    real = enforcement.check_plan
+
+    def approving(home, plan, digest, **kwargs):
+        if not policy_path(home.root).exists():
+            lenient = SitePolicy(
+                require_signed_plans=False, secure_aggregation_required=False, min_local_examples=0
+            )
+            save_policy(home.root, lenient, actor="tests")
+        if ApprovalStore(home.root).get(digest) is None:
+            approve_plan(home.root, plan, actor="tests")
+        return real(home, plan, digest, **kwargs)
+
+    approving.__wrapped__ = real
+    patch = pytest.MonkeyPatch()
+    patch.setattr(enforcement, "check_plan", approving)
+    yield
+    patch.undo()
