@@ -82,10 +82,10 @@ def _local_only(plan: TrainingPlan, home, test_images, test_labels, seed_base: i
 
     from silo_client.local_round import load_local_data, silo_seed
     from silo_client.training import auc, predict_scores, train_local
-    from training_plan.models import build_model
+    from training_plan.models import build_plan_model
 
     torch.manual_seed(plan.training.seed)
-    model = build_model(plan.model.name, dict(plan.model.args))
+    model = build_plan_model(plan.model)
     data = load_local_data(home, plan)
     aucs = []
     for server_round in range(1, plan.federation.rounds + 1):
@@ -116,14 +116,52 @@ def _pin_demo_roster(homes: list) -> None:
         save_roster(home, roster)
 
 
+def _approve_demo_plan(homes: list, plan: TrainingPlan, workdir: Path) -> None:
+    """The researcher signs the plan; each hospital's IT allows that researcher and approves it.
+
+    In a real consortium: `fedsilo plan keygen/sign/submit`, then `silo policy edit` and
+    `silo plan review/approve` at each hospital.
+    """
+    from silo_client.governance.approvals import approve_plan
+    from silo_client.governance.policy import AllowedResearcher, SitePolicy, save_policy
+    from training_plan.signing import generate_keypair, load_private_key, sign_plan
+
+    key_path, pub_path = generate_keypair(workdir / "researcher" / "demo", overwrite=True)
+    signature = sign_plan(plan, load_private_key(key_path))
+    researcher = AllowedResearcher(name="Demo Researcher", public_key=pub_path.read_text().strip())
+    for home in homes:
+        save_policy(home.root, SitePolicy(allowed_researchers=[researcher]), actor="demo IT")
+        approve_plan(home.root, plan, signature, actor="demo IT")
+
+
+def _all_local_only(plan_json: str, home_roots: list[str], test_dir: str, cache_dir: str) -> dict:
+    """Each hospital alone (runs in a worker process while the federation runs)."""
+    import torch
+
+    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+    from silo_client.home import SiloHome
+
+    torch.set_num_threads(1)
+    plan = TrainingPlan.model_validate_json(plan_json)
+    window = plan.preprocessing.window
+    prep = Preprocessing(
+        input_size=plan.preprocessing.input_size,
+        window_center=window.center if window else None,
+        window_width=window.width if window else None,
+    )
+    test = build_dataset(Path(test_dir), prep, cache_dir=Path(cache_dir))
+    curves = {}
+    for root in home_roots:
+        home = SiloHome.open(root)
+        curves[home.name] = _local_only(plan, home, test.images, test.labels, 0)
+    return curves
+
+
 def run_demo(settings: DemoSettings, console=None) -> dict:
     """Run the whole demo; returns the summary also written to summary.json."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
     from silo_client.data.synthetic import generate_hospitals, generate_test_set
-    from silo_client.training import limit_threads
 
     console = console or Console()
     started = time.monotonic()
@@ -157,12 +195,54 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
         for spec in specs
     ]
     _pin_demo_roster(homes)
+    _approve_demo_plan(homes, plan, work)
     console.print(
         f"[bold]{len(specs)} hospitals[/]: "
         + ", ".join(
             f"{s.name} ({s.n_images} images, {s.positive_fraction:.0%} positive)" for s in specs
         )
     )
+    # The baselines train in one single-threaded worker while the federation runs: Flower's
+    # exchanges leave the cores idle most of each round, so this shortens the demo's wall time.
+    import multiprocessing
+
+    baseline_pool = multiprocessing.get_context("spawn").Pool(1)
+    baselines = baseline_pool.apply_async(
+        _all_local_only,
+        (
+            plan.model_dump_json(),
+            [str(home.root) for home in homes],
+            str(test_dir),
+            str(work / "baseline-test-cache"),
+        ),
+    )
+    try:
+        return _run_federation_and_report(
+            settings,
+            console,
+            plan,
+            plan_path,
+            homes,
+            specs,
+            work,
+            out,
+            test_dir,
+            started,
+            baselines,
+        )
+    finally:
+        baseline_pool.terminate()
+        baseline_pool.join()
+
+
+def _run_federation_and_report(
+    settings, console, plan, plan_path, homes, specs, work, out, test_dir, started, baselines
+) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+    from silo_client.training import limit_threads
+
     tls = make_tls(work / "tls", "fedsilo-demo", ["127.0.0.1", "localhost"])
     out_run = out / "run"
     if out_run.exists():
@@ -247,12 +327,8 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
             rows.append(
                 {"round": server_round, "federated_auc": fed_auc, "federated_loss": fed_loss}
             )
-    local_curves: dict[str, list[float]] = {}
-    with console.status("Training each hospital alone for the same budget..."):
-        for home in homes:
-            local_curves[home.name] = _local_only(
-                plan, home, test.images, test.labels, settings.seed
-            )
+    with console.status("Waiting for the local-only baselines..."):
+        local_curves: dict[str, list[float]] = baselines.get(timeout=settings.timeout)
     for row in rows[1:]:
         for name, curve in local_curves.items():
             row[f"local_auc_{name}"] = curve[row["round"] - 1]
