@@ -1,0 +1,193 @@
+"""The site policy: what hospital IT allows on its data, in ``<home>/policy.yaml``.
+
+Example::
+
+    policy_version: 1
+    allowed_researchers:            # base64 Ed25519 keys ('fedsilo plan keygen' -> .pub)
+      - {name: Dr A. Researcher, public_key: "MCowBQYDK2VwAyEA..."}
+    require_signed_plans: true      # a plan must carry a signature by an allowed researcher
+    allowed_datasets: [default]     # local dataset tags a plan may use
+    allowed_models: [resnet10, resnet18]   # empty list: any registered model
+    max_rounds: 50
+    max_local_epochs: 5
+    min_local_examples: 20          # refuse to train on fewer examples in a round
+    secure_aggregation_required: true
+    min_secure_threshold: 3         # Shamir threshold the plan must reach at least
+
+A silo without a policy file uses the defaults above with no allowed researcher: every signed
+plan is refused until IT lists the researchers it trusts (a safe default, not a convenient one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from silo_client.errors import SiloError
+from training_plan import TrainingPlan
+from training_plan.signing import fingerprint, public_key_from_text
+
+POLICY_FILE = "policy.yaml"
+
+
+class PolicyError(SiloError):
+    """The site policy file is malformed; the message names the key and the line."""
+
+
+class AllowedResearcher(BaseModel):
+    """A researcher whose signed plans this site will consider."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    public_key: str
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519(cls, value: str) -> str:
+        try:
+            public_key_from_text(value)
+        except ValueError as exc:
+            raise ValueError(f"not a base64 Ed25519 public key ({exc})") from None
+        return value.strip()
+
+
+class SitePolicy(BaseModel):
+    """What this site allows; checked before any data is loaded for a plan."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy_version: int = Field(1, ge=1, le=1)
+    allowed_researchers: list[AllowedResearcher] = Field(default_factory=list)
+    require_signed_plans: bool = True
+    allowed_datasets: list[str] = Field(default_factory=lambda: ["default"])
+    allowed_models: list[str] = Field(default_factory=list, description="empty: any registered")
+    max_rounds: int = Field(100, ge=1)
+    max_local_epochs: int = Field(10, ge=1)
+    min_local_examples: int = Field(10, ge=0)
+    secure_aggregation_required: bool = True
+    min_secure_threshold: int = Field(3, ge=3)
+
+    def researcher_named(self, public_key: str) -> str | None:
+        """The name IT gave a key, or None when the key is not allowed."""
+        for entry in self.allowed_researchers:
+            if entry.public_key == public_key:
+                return entry.name
+        return None
+
+    def violations(self, plan: TrainingPlan, signer: str | None) -> list[str]:
+        """Every way the plan breaks this policy, as short reasons (no paths, no counts of ours).
+
+        ``signer`` is the verified signer key (base64) or None for an unsigned plan.
+        """
+        from secure_agg.protocol import default_threshold
+
+        problems = []
+        if signer is None:
+            if self.require_signed_plans:
+                problems.append("the plan is not signed and this site requires signed plans")
+        elif self.researcher_named(signer) is None:
+            problems.append(
+                f"signed by researcher key {fingerprint(signer)}, which this site does not allow"
+            )
+        if plan.dataset not in self.allowed_datasets:
+            problems.append(f"dataset '{plan.dataset}' is not allowed at this site")
+        if self.allowed_models and plan.model.name not in self.allowed_models:
+            problems.append(f"model '{plan.model.name}' is not allowed at this site")
+        if plan.federation.rounds > self.max_rounds:
+            problems.append(f"{plan.federation.rounds} rounds exceed this site's maximum")
+        if plan.training.local_epochs > self.max_local_epochs:
+            problems.append(f"{plan.training.local_epochs} local epochs exceed this site's maximum")
+        sa = plan.secure_aggregation
+        if self.secure_aggregation_required and not sa.enabled:
+            problems.append("this site requires secure aggregation")
+        if sa.enabled:
+            threshold = (
+                sa.threshold
+                if sa.threshold is not None
+                else default_threshold(plan.federation.min_silos)
+            )
+            if threshold < self.min_secure_threshold:
+                problems.append(
+                    "the plan's secure-aggregation threshold is below this site's minimum"
+                )
+        if plan.preprocessing.augmentations:
+            problems.append("this silo's installed fedsilo does not run augmentations yet")
+        return problems
+
+
+def policy_path(root: Path) -> Path:
+    """Where the policy of the silo home at ``root`` lives."""
+    return Path(root) / POLICY_FILE
+
+
+def parse_policy(text: str, source: str = POLICY_FILE) -> SitePolicy:
+    """Validate policy YAML; PolicyError with the line of the first problem."""
+    from training_plan.loader import _key_lines
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise PolicyError(f"{where}: not valid YAML") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a policy is a YAML mapping of keys")
+    try:
+        return SitePolicy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        positions = _key_lines(text)
+        where = source
+        for cut in range(len(loc), 0, -1):
+            if loc[:cut] in positions:
+                line, col = positions[loc[:cut]]
+                where = f"{source}:{line}:{col}"
+                break
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        message = (
+            "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        ).removeprefix("Value error, ")
+        raise PolicyError(f"{where}: {key}: {message}") from None
+
+
+def load_policy(root: Path) -> SitePolicy:
+    """The site's policy; the defaults when there is no policy file."""
+    path = policy_path(root)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return SitePolicy()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read the site policy ({type(exc).__name__})") from None
+    return parse_policy(text, source=POLICY_FILE)
+
+
+def policy_yaml(policy: SitePolicy) -> str:
+    """The policy as YAML, every default explicit."""
+    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+
+
+def save_policy(root: Path, policy: SitePolicy, *, actor: str) -> None:
+    """Write the policy atomically and record the change (old and new hash) in the audit log."""
+    import hashlib
+
+    from silo_client.governance.audit import audit
+    from silo_client.home import write_atomic
+
+    path = policy_path(root)
+    old = path.read_bytes() if path.exists() else b""
+    new = policy_yaml(policy).encode()
+    write_atomic(path, new, mode=0o644)
+    audit(
+        root,
+        "policy-changed",
+        actor=actor,
+        old_sha256=hashlib.sha256(old).hexdigest() if old else None,
+        new_sha256=hashlib.sha256(new).hexdigest(),
+    )
