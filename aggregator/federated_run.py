@@ -193,6 +193,26 @@ class FederatedRun:
         mark = time.monotonic()
         replies = self.aggregation.train(grid, server_round, messages, report)
         timings["train-exchange"] = time.monotonic() - mark
+        if report.refused:
+            self.events.write(
+                "silos-refused",
+                round=server_round,
+                refused=_str_keys(report.refused),
+                decision=self.plan.federation.on_refusal,
+            )
+        if report.refused and self.plan.federation.on_refusal == "stop":
+            reasons = "; ".join(f"{n}: {r}" for n, r in report.refused.items())
+            self.events.write(
+                "round-failed",
+                round=server_round,
+                replied=len(report.replied),
+                refused=_str_keys(report.refused),
+                reason="a silo refused and the plan says stop",
+            )
+            raise RoundFailed(
+                f"round {server_round}: {len(report.refused)} silo(s) refused ({reasons}); "
+                "the plan says stop on refusal; the global model was not advanced"
+            )
         if len(report.replied) < needed or not replies:
             reasons = "; ".join(f"{n}: {r}" for n, r in report.refused.items()) or "no replies"
             self.events.write(
