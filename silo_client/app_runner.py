@@ -1,0 +1,206 @@
+"""The silo-side runner: the silo executes only the ClientApp its IT installed.
+
+Flower's default SuperNode (``--isolation subprocess``) starts ``flower-superexec``, which starts
+``flwr-clientapp`` per message; that process *installs the run's app bundle (FAB)* and imports the
+``clientapp`` component it names, with the bundle's folder on ``sys.path``. A bundle carrying a
+``.py`` file (or a ``silo_client/`` package shadowing ours), or naming another component, would
+run its own code at the hospital. Flower's own guard, ``flower-supernode --trusted-entities``,
+only accepts bundles signed through Flower Hub (the SuperLink marks a bundle ``valid_license`` only
+when it fetched it from the Hub), so it cannot vouch for a consortium's own bundles.
+
+So the silo runs its SuperNode with ``--isolation process`` and this runner beside it::
+
+    flower-supernode --isolation process --port 9094 ...   # Runtime API on 127.0.0.1:9094
+    silo runner --runtime-api-address 127.0.0.1:9094 --insecure
+
+``python -m silo_client.app_runner superexec`` is Flower's SuperExec loop with one change: each
+ClientApp task is started as ``python -m silo_client.app_runner task`` instead of
+``flwr-clientapp``. The task process pulls the message, context and bundle from the SuperNode,
+checks the bundle (``governance.bundle.check_bundle``: only ``pyproject.toml``, components naming
+fedsilo's installed apps) *without installing or importing anything from it*, then calls the
+installed ``silo_client.client_app.app``. A refused bundle gets an ``ERROR_REFUSED`` reply and an
+audit entry; none of its code ever runs.
+
+This uses Flower internals (``run_superexec``'s executor factory, the Runtime API client), which
+fedsilo pins (flwr 1.42.x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from training_plan import wire
+
+
+def _task_args(spec) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "silo_client.app_runner",
+        "task",
+        "--runtime-api-address",
+        spec.runtime_api_address,
+        "--token",
+        spec.token,
+    ]
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args.extend(["--root-certificates", spec.root_certificates_path])
+    if spec.parent_pid is not None:
+        args.extend(["--parent-pid", str(spec.parent_pid)])
+    return args
+
+
+def _executor():
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    class SiloExecutor(SubprocessExecutor):
+        """Starts fedsilo's task runner for ClientApp tasks; refuses every other task type."""
+
+        def get_eligible_capacity(self, supported_task_types, **kwargs):
+            return {TaskType.CLIENT_APP} & set(supported_task_types), set()
+
+        def launch(self, spec) -> LaunchResult:
+            if spec.task_type != TaskType.CLIENT_APP:
+                return LaunchResult.failed("this silo runs only fedsilo's ClientApp")
+            subprocess.Popen(_task_args(spec))
+            return LaunchResult.accepted()
+
+    return SiloExecutor()
+
+
+def run_superexec_loop(args: argparse.Namespace) -> None:
+    """Flower's SuperExec loop, launching our task runner instead of ``flwr-clientapp``."""
+    from flwr.supercore.superexec import run_superexec as module
+
+    executor = _executor()
+    module.get_executor = lambda *a, **k: executor
+    module.run_superexec(
+        runtime_api_address=args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates_path=args.root_certificates,
+        parent_pid=args.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """One ClientApp task: check the bundle, then run the installed ClientApp (or refuse)."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    from silo_client.governance.bundle import BundleRefused, check_bundle
+
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    client = RuntimeHttpClient.from_server_address(
+        server_address=args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates=validate_and_resolve_root_certificates(
+            args.root_certificates, args.insecure
+        ),
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(args.token),
+        ],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context = None
+    status, details, code = SubStatus.FAILED, "ClientApp task failed", 1
+    try:
+        message, context, _run, fab = pull_task_input(client)
+        try:
+            check_bundle(fab.content)
+        except BundleRefused as exc:
+            _audit_bundle_refusal(context, fab.hash_str, str(exc))
+            reply = Message(Error(code=wire.ERROR_REFUSED, reason=str(exc)), reply_to=message)
+        else:
+            from silo_client.client_app import app as installed_app
+
+            reply = installed_app(message=message, context=context)
+        push_message(client, reply, context)
+        status, details, code = SubStatus.COMPLETED, "", 0
+    except Exception as exc:  # the reply could not be produced or pushed
+        details = f"{type(exc).__name__}: {exc}"
+        try:
+            if context is not None and "message" in locals():
+                push_message(
+                    client,
+                    Message(
+                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="silo runner"),
+                        reply_to=message,
+                    ),
+                    context,
+                )
+        except Exception:  # best effort: the SuperNode times the task out otherwise
+            pass
+    finally:
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    return code
+
+
+def _audit_bundle_refusal(context, fab_hash: str, reason: str) -> None:
+    from silo_client.errors import SiloError
+    from silo_client.governance.audit import audit
+    from silo_client.home import SiloHome
+
+    try:
+        home = SiloHome.from_node_config(context.node_config)
+        audit(
+            home.root,
+            "bundle-refused",
+            flower_run=str(context.run_id),
+            fab_hash=fab_hash,
+            reason=reason,
+        )
+    except SiloError:
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="silo runner", description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["superexec", "task"])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--token", default="")
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``superexec`` (long-running loop) or ``task`` (one ClientApp task)."""
+    args = _parser().parse_args(argv)
+    if args.mode == "superexec":
+        run_superexec_loop(args)
+        return 0
+    return run_task(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
