@@ -1,0 +1,303 @@
+"""`silo plan ...`, `silo policy ...`, `silo audit ...`: what hospital IT decides and can show.
+
+Mounted on the `silo` CLI by silo_client.cli. Every command takes ``--home`` (env FEDSILO_HOME).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from silo_client.errors import SiloError
+from silo_client.home import HOME_ENV, SiloHome
+from training_plan import TrainingPlan, load_plan, plan_hash
+
+console = Console(soft_wrap=True)
+
+plan_app = typer.Typer(help="Review, approve and revoke training plans.", no_args_is_help=True)
+policy_app = typer.Typer(help="The site policy: what this hospital allows.", no_args_is_help=True)
+audit_app = typer.Typer(help="The append-only audit log of this silo.", no_args_is_help=True)
+
+
+def _home_option() -> Path:
+    return typer.Option(
+        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
+        "--home",
+        help=f"Silo home folder (env {HOME_ENV}).",
+    )
+
+
+def _plan_and_signature(path: Path):
+    from training_plan.signing import read_signature
+
+    plan = load_plan(path)
+    return plan, read_signature(path)
+
+
+def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[str]) -> str:
+    """A summary of a plan for a hospital's IT and data-protection officer."""
+    from training_plan.signing import fingerprint
+
+    r = plan.researcher
+    who = f"{r.name}" + (f", {r.organisation}" if r and r.organisation else "") if r else "unnamed"
+    if r and r.email:
+        who += f" <{r.email}>"
+    sa = plan.secure_aggregation
+    if sa.enabled:
+        leaves = (
+            "each round: the model update, clipped, weighted and MASKED (secure aggregation): "
+            "the consortium learns only the sum over at least "
+            f"{sa.threshold or 'the default (2n/3+1)'} silos; the number of local examples, "
+            "the loss and evaluation counts travel inside the same masked vector (sums only)"
+        )
+    else:
+        leaves = (
+            "each round: this silo's model update IN THE CLEAR and its number of local "
+            "examples and metrics (secure aggregation is OFF)"
+        )
+    lines = [
+        f"Plan          {plan.title}",
+        f"Hash          {plan_hash(plan)}",
+        f"Asked by      {who}",
+        "Signed by     "
+        + (
+            f"key {fingerprint(signer)}" if signer else "NOT SIGNED (no .sig file next to the plan)"
+        ),
+        f"Purpose       {plan.purpose or '(none given)'}",
+        f"Local data    dataset tag '{plan.dataset}', task {plan.task}",
+        f"Model         {plan.model.name} {dict(plan.model.args) or ''}".rstrip(),
+        f"Input         {plan.preprocessing.input_size} px"
+        + (
+            f", window {plan.preprocessing.window.center}/{plan.preprocessing.window.width}"
+            if plan.preprocessing.window
+            else ""
+        )
+        + (
+            f", augmentations {plan.preprocessing.augmentations}"
+            if plan.preprocessing.augmentations
+            else ""
+        ),
+        f"Training      {plan.training.optimizer}, lr {plan.training.learning_rate}, "
+        f"{plan.training.local_epochs} local epoch(s), batch {plan.training.batch_size}",
+        f"Federation    {plan.federation.rounds} round(s), {plan.federation.strategy}, at least "
+        f"{plan.federation.min_silos} silos; if a silo refuses: {plan.federation.on_refusal}",
+        f"What leaves   {leaves}",
+        f"Evaluation    {', '.join(plan.evaluation.metrics)} (summed over silos)",
+        f"Privacy       secure aggregation {'ON' if sa.enabled else 'OFF'}, clip {sa.clip}, "
+        f"max weight {sa.max_weight}; no images, labels, paths or identifiers leave the site",
+    ]
+    if policy_problems:
+        lines.append("Site policy   OUT OF POLICY: " + "; ".join(policy_problems))
+    else:
+        lines.append("Site policy   within this site's policy")
+    return "\n".join(lines)
+
+
+@plan_app.command("review")
+def plan_review(
+    path: Path = typer.Argument(..., help="Plan YAML (its signature is read from PATH.sig)."),
+    home: Path = _home_option(),
+) -> None:
+    """Show who asks, for what, which data and model, and what leaves the site."""
+    from silo_client.governance.policy import load_policy
+    from training_plan.signing import verify_plan_signature
+
+    silo = SiloHome.open(home)
+    plan, signature = _plan_and_signature(path)
+    signer = verify_plan_signature(plan, signature) if signature else None
+    problems = load_policy(silo.root).violations(plan, signer)
+    console.print(review_text(plan, signer, problems), markup=False, highlight=False)
+
+
+@plan_app.command("approve")
+def plan_approve(
+    path: Path = typer.Argument(..., help="Plan YAML (its signature is read from PATH.sig)."),
+    home: Path = _home_option(),
+    actor: str = typer.Option(None, "--as", help="Who approves (default: your login name)."),
+    note: str = typer.Option("", "--note", help="A note kept with the approval."),
+) -> None:
+    """Approve a plan by its hash (it must be within the site policy)."""
+    from silo_client.governance.approvals import approve_plan
+
+    silo = SiloHome.open(home)
+    plan, signature = _plan_and_signature(path)
+    record = approve_plan(silo.root, plan, signature, actor=actor, note=note)
+    console.print(f"approved plan {record.plan_hash} ('{record.title}') as {record.approved_by}")
+
+
+@plan_app.command("revoke")
+def plan_revoke(
+    plan_hash_prefix: str = typer.Argument(..., metavar="HASH", help="Plan hash (8+ hex digits)."),
+    home: Path = _home_option(),
+    actor: str = typer.Option(None, "--as", help="Who revokes (default: your login name)."),
+) -> None:
+    """Withdraw an approval: the silo refuses the plan from its next message on."""
+    from silo_client.governance.approvals import revoke_plan
+
+    silo = SiloHome.open(home)
+    record = revoke_plan(silo.root, plan_hash_prefix, actor=actor)
+    console.print(f"revoked plan {record.plan_hash} ('{record.title}') as {record.revoked_by}")
+
+
+@plan_app.command("list")
+def plan_list(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+    """List approved (and revoked) plans with who and when."""
+    from dataclasses import asdict
+
+    from silo_client.governance.approvals import ApprovalStore
+
+    silo = SiloHome.open(home)
+    records = ApprovalStore(silo.root).all()
+    if as_json:
+        fields = ("plan_hash", "title", "researcher", "approved_by", "approved_at", "revoked_at")
+        print(json.dumps([{k: asdict(r)[k] for k in fields} for r in records], indent=2))
+        return
+    if not records:
+        console.print("no plan approved yet ('silo plan approve PLAN.yaml')")
+    for r in records:
+        state = f"REVOKED {r.revoked_at} by {r.revoked_by}" if r.revoked else "approved"
+        console.print(
+            f"{r.plan_hash[:16]}  {r.title!r} by {r.researcher or '?'}: approved {r.approved_at} "
+            f"by {r.approved_by}; {state}",
+            markup=False,
+        )
+
+
+@policy_app.command("show")
+def policy_show(home: Path = _home_option()) -> None:
+    """Print the site policy with every default made explicit."""
+    from silo_client.governance.policy import load_policy, policy_path, policy_yaml
+
+    silo = SiloHome.open(home)
+    if not policy_path(silo.root).exists():
+        console.print("# no policy.yaml yet: these defaults apply ('silo policy edit')")
+    console.print(policy_yaml(load_policy(silo.root)), markup=False, highlight=False)
+
+
+@policy_app.command("check")
+def policy_check(
+    home: Path = _home_option(),
+    file: Path = typer.Option(None, "--file", help="Check this policy file instead."),
+    plan_path: Path = typer.Option(None, "--plan", help="Also check a plan against the policy."),
+) -> None:
+    """Validate the policy (one line per problem, exit 2), optionally against a plan."""
+    from silo_client.errors import PlanRefused
+    from silo_client.governance.policy import load_policy, parse_policy
+    from training_plan.signing import verify_plan_signature
+
+    if file is not None:
+        try:
+            policy = parse_policy(file.read_text(encoding="utf-8"), source=str(file))
+        except FileNotFoundError:
+            raise SiloError(f"{file}: policy file not found") from None
+    else:
+        policy = load_policy(SiloHome.open(home).root)
+    console.print("policy is valid")
+    if plan_path is not None:
+        plan, signature = _plan_and_signature(plan_path)
+        signer = verify_plan_signature(plan, signature) if signature else None
+        problems = policy.violations(plan, signer)
+        if problems:
+            raise PlanRefused(f"{plan_path}: out of policy: " + "; ".join(problems))
+        console.print(f"{plan_path}: within the policy")
+
+
+@policy_app.command("edit")
+def policy_edit(
+    home: Path = _home_option(),
+    source: Path = typer.Option(
+        None, "--from", help="Take the new policy from this file instead of opening $EDITOR."
+    ),
+    actor: str = typer.Option(None, "--as", help="Who changes it (default: your login name)."),
+) -> None:
+    """Change the policy (validated before it replaces the old one; the change is audited)."""
+    from silo_client.governance.approvals import default_actor
+    from silo_client.governance.policy import load_policy, parse_policy, policy_yaml, save_policy
+
+    silo = SiloHome.open(home)
+    if source is not None:
+        try:
+            text = source.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SiloError(f"{source}: policy file not found") from None
+        label = str(source)
+    else:
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            handle.write(policy_yaml(load_policy(silo.root)))
+        try:
+            subprocess.run([editor, handle.name], check=False)
+            text = Path(handle.name).read_text(encoding="utf-8")
+        finally:
+            Path(handle.name).unlink(missing_ok=True)
+        label = "edited policy"
+    policy = parse_policy(text, source=label)
+    save_policy(silo.root, policy, actor=actor or default_actor())
+    console.print("policy saved (change recorded in the audit log)")
+
+
+@audit_app.command("show")
+def audit_show(
+    home: Path = _home_option(),
+    run: str = typer.Option(None, "--run", help="Only entries of this run id."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """Show the audit log (optionally one run's entries)."""
+    from silo_client.governance.audit import AuditLog
+
+    silo = SiloHome.open(home)
+    for entry in AuditLog.of_home(silo.root).entries():
+        if run and run not in (str(entry.get("run_id")), str(entry.get("flower_run"))):
+            continue
+        if as_json:
+            print(json.dumps(entry, sort_keys=True))
+            continue
+        skip = {"seq", "time", "event", "prev", "hash"}
+        rest = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in skip and v is not None)
+        console.print(
+            f"{entry.get('seq'):>5} {entry.get('time')} {entry.get('event')}: {rest}",
+            markup=False,
+            highlight=False,
+        )
+
+
+@audit_app.command("verify")
+def audit_verify(home: Path = _home_option()) -> None:
+    """Check the hash chain: detects an edited, removed or reordered line (exit 2)."""
+    from silo_client.governance.audit import AuditError, AuditLog
+
+    silo = SiloHome.open(home)
+    result = AuditLog.of_home(silo.root).verify()
+    if not result.ok:
+        raise AuditError(f"audit log damaged after {result.entries} good entries: {result.problem}")
+    console.print(f"audit log intact: {result.entries} entries, head {result.head}")
+
+
+@audit_app.command("export")
+def audit_export(
+    home: Path = _home_option(),
+    out: Path = typer.Option(None, "--out", help="Write here (default: stdout)."),
+) -> None:
+    """Export the verified log as JSON lines for security monitoring; prints the head hash."""
+    from silo_client.governance.audit import AuditError, AuditLog
+
+    silo = SiloHome.open(home)
+    log = AuditLog.of_home(silo.root)
+    result = log.verify()
+    if not result.ok:
+        raise AuditError(f"refusing to export a damaged audit log: {result.problem}")
+    lines = [json.dumps(e, sort_keys=True) for e in log.entries()]
+    body = "".join(line + "\n" for line in lines)
+    if out is None:
+        print(body, end="")
+    else:
+        from silo_client.home import write_atomic
+
+        write_atomic(out, body.encode(), mode=0o600)
+        console.print(f"exported {result.entries} entries to {out}; head hash {result.head}")
