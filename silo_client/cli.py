@@ -25,6 +25,17 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 
+
+def _mount_governance() -> None:
+    from silo_client.cli_governance import audit_app, plan_app, policy_app
+
+    app.add_typer(plan_app, name="plan")
+    app.add_typer(policy_app, name="policy")
+    app.add_typer(audit_app, name="audit")
+
+
+_mount_governance()
+
 from silo_client.cli_enroll import register as _register_enrollment  # noqa: E402
 
 _register_enrollment(app)
