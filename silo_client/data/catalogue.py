@@ -380,7 +380,7 @@ class Catalogue:
             frames += int(row["frames"] or 1)
         reasons: dict[str, int] = {}
         for _, reason in self.skipped(name):
-            category = _reason_category(reason)
+            category = reason_category(reason)
             reasons[category] = reasons.get(category, 0) + 1
         n_studies = db.execute(
             "SELECT COUNT(DISTINCT study_uid) FROM file WHERE dataset = ? AND status = 'ok'",
@@ -413,8 +413,10 @@ class Catalogue:
         }
 
 
-def _reason_category(reason: str) -> str:
+def reason_category(reason: str) -> str:
     """Group skip reasons for a summary: drop per-file details in parentheses and UIDs."""
+    if reason.startswith("non-image SOP class"):
+        return reason  # names the class and what it is; the same for every such file
     head = reason.split(" (")[0]
     if head.startswith("duplicate of "):
         return "duplicate SOPInstanceUID"

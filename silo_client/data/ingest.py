@@ -36,6 +36,7 @@ from silo_client.data.catalogue import (
     FileRecord,
     key_digest,
     label_key,
+    reason_category,
 )
 from silo_client.data.dicom_read import read_dicom
 from silo_client.errors import DataError
@@ -429,7 +430,7 @@ def ingest_folder(
                 summary.new_ok += 1
             else:
                 summary.new_skipped += 1
-                key = (record.reason or "").split(" (")[0]
+                key = reason_category(record.reason or "")
                 summary.reasons[key] = summary.reasons.get(key, 0) + 1
             batch.append(record)
             if len(batch) >= _BATCH:
@@ -499,7 +500,12 @@ def register_dataset(
         )  # fmt: skip
         if labels is not None:
             catalogue.set_labels(name, labels)
-        pulled = pull(catalogue) if pull is not None else 0
+        try:
+            pulled = pull(catalogue) if pull is not None else 0
+        except DataError:
+            if old is None and not catalogue.known_files(name):
+                catalogue.remove(name)  # a first pull that fetched nothing registers nothing
+            raise
         files_root.mkdir(parents=True, exist_ok=True)
         summary = ingest_folder(catalogue, name, files_root, progress)
         summary.pulled = pulled

@@ -260,9 +260,8 @@ def dimse_puller(
     filters = parse_query(query)
 
     def pull(catalogue: Catalogue) -> int:
-        from pynetdicom import AE, build_role, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
         from pynetdicom import sop_class as sc
-        from pynetdicom.presentation import ALL_TRANSFER_SYNTAXES
         from pynetdicom.sop_class import (
             StudyRootQueryRetrieveInformationModelFind as Find,
         )
