@@ -1,0 +1,143 @@
+"""`aggregator plans`, `aggregator run PLAN`, `aggregator runs`: the consortium's plan registry.
+
+See aggregator.registry for how researchers reach the registry and why the SuperLink's Control
+API stays on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.registry import Registry, RegistryError
+
+console = Console(soft_wrap=True)
+HOME_ENV = "FEDSILO_HOME"
+
+
+def _home_option() -> Path:
+    return typer.Option(
+        Path(os.environ.get(HOME_ENV, "~/.fedsilo/consortium")),
+        "--home",
+        help=f"Consortium home folder holding registry.db (env {HOME_ENV}).",
+    )
+
+
+def plans(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+    """List submitted plans with their status (submitted, running, done, failed, refused)."""
+    entries = Registry(home).plans()
+    if as_json:
+        fields = ("plan_hash", "title", "researcher", "submitted_at", "status", "approvals")
+        print(json.dumps([{k: getattr(e, k) for k in fields} for e in entries], indent=2))
+        return
+    table = Table(title="submitted plans")
+    for column in ("hash", "title", "researcher", "submitted", "status"):
+        table.add_column(column)
+    for e in entries:
+        status = e.status + (f" ({e.approvals})" if e.approvals else "")
+        table.add_row(e.plan_hash[:16], e.title, e.researcher, e.submitted_at, status)
+    console.print(table)
+
+
+def runs(
+    home: Path = _home_option(),
+    plan: str = typer.Option(None, "--plan", help="Only runs of this plan hash."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List runs with their status and results (aggregates only)."""
+    registry = Registry(home)
+    digest = registry.plan(plan).plan_hash if plan else None
+    entries = registry.runs(digest)
+    if as_json:
+        print(json.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    table = Table(title="runs")
+    for column in ("run", "plan", "status", "started", "rounds", "result"):
+        table.add_column(column)
+    for e in entries:
+        result = e.result.get("reason") or json.dumps(e.result.get("last_evaluation", {}))
+        table.add_row(
+            e.run_id,
+            e.plan_hash[:12],
+            e.status,
+            e.started_at,
+            str(e.result.get("rounds", "-")),
+            result,
+        )
+    console.print(table)
+
+
+def run(
+    plan: str = typer.Argument(..., metavar="PLAN", help="Hash (8+ hex digits) of a plan."),
+    home: Path = _home_option(),
+    superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="SuperLink (loopback)."),
+    ca: Path = typer.Option(None, "--root-certificates", help="CA of the SuperLink's TLS."),
+    run_id: str = typer.Option(None, "--run-id", help="Name of the run (default: random)."),
+) -> None:
+    """Start a run of a submitted plan through Flower's Control API on loopback."""
+    registry = Registry(home)
+    entry = registry.plan(plan)
+    host = superlink.rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        raise RegistryError(
+            "the Control API is unauthenticated: drive it on loopback only (--superlink "
+            "127.0.0.1:PORT on the aggregator host)"
+        )
+    run_id = run_id or f"{entry.plan_hash[:8]}-{uuid.uuid4().hex[:6]}"
+    run_dir = registry.home / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    plan_path = run_dir / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(entry.plan().model_dump(mode="json"), sort_keys=False))
+    app_dir = run_dir / "app"
+    app_dir.mkdir(exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "fedsilo-run"\nversion = "1.0.0"\n'
+        'description = "fedsilo federated run (apps installed with fedsilo)"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n[tool.flwr.app]\npublisher = "fedsilo"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "aggregator.server_app:app"\n'
+        'clientapp = "silo_client.client_app:app"\n\n[tool.flwr.app.config]\n'
+        'plan-path = ""\nout-dir = ""\nrun-id = ""\nnode-wait = 180\n'
+    )
+    flwr_home = run_dir / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    certs = f'root-certificates = "{ca}"\n' if ca else "insecure = true\n"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
+        f'address = "{superlink}"\n{certs}'
+    )
+    overrides = " ".join(
+        f"{k}={json.dumps(v)}"
+        for k, v in {"plan-path": str(plan_path), "out-dir": str(run_dir), "run-id": run_id}.items()
+    )
+    flwr = Path(sys.executable).parent / "flwr"
+    completed = subprocess.run(
+        [str(flwr), "run", str(app_dir), "consortium", "--run-config", overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FLWR_HOME": str(flwr_home)},
+        timeout=180,
+        check=False,
+    )
+    if completed.returncode != 0:
+        detail = (completed.stderr or completed.stdout).strip().splitlines()
+        raise RegistryError(f"'flwr run' failed: {detail[-1] if detail else 'no output'}")
+    registry.start_run(entry.plan_hash, run_id, run_dir)
+    console.print(f"run {run_id} of plan {entry.plan_hash[:12]} started; see 'aggregator runs'")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the registry commands on the `aggregator` CLI."""
+    app.command("plans")(plans)
+    app.command("runs")(runs)
+    app.command("run")(run)
