@@ -27,6 +27,10 @@ from aggregator.cli_consortium import register as _register_consortium  # noqa: 
 
 _register_consortium(app)
 
+from aggregator.cli_registry import register as _register_registry  # noqa: E402
+
+_register_registry(app)
+
 
 @app.command("show-run")
 def show_run(
