@@ -21,6 +21,10 @@ app = typer.Typer(
 )
 plan_app = typer.Typer(help="Write, check and inspect training plans.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
+
+from fedsilo.plan_cli import register as _register_plan_cli  # noqa: E402
+
+_register_plan_cli(plan_app)
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
