@@ -89,7 +89,8 @@ class Supervisors:
                 popen.wait(timeout=5)
 
     def stop_all(self) -> None:
-        for key in list(self.procs):
+        # silos first: a SuperNode whose SuperLink is gone retries its goodbye for a while
+        for key in reversed(list(self.procs)):
             self.stop(key)
 
 
