@@ -13,6 +13,7 @@ a rejected association, a query that matches nothing. Credentials are never stor
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import tempfile
@@ -26,6 +27,8 @@ from pydicom.datadict import tag_for_keyword
 
 from silo_client.data.catalogue import Catalogue
 from silo_client.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PacsAuth",
@@ -290,11 +293,14 @@ def dimse_puller(
             roles.append(build_role(uid, scp_role=True))
         written = [0]
         wanted: set[str] = set()
+        received: set[str] = set()
+        where: dict[str, tuple[str, str]] = {}
 
         def on_store(event: Any) -> int:
             sop = str(event.request.AffectedSOPInstanceUID)
-            if sop in wanted:
+            if sop in wanted and sop not in received:
                 _write_atomic(dest, instance_filename(sop), event.encoded_dataset())
+                received.add(sop)
                 written[0] += 1
             return 0x0000
 
@@ -330,6 +336,7 @@ def dimse_puller(
                 if not missing:
                     continue
                 wanted.update(missing)
+                where.update(dict.fromkeys(missing, (study, ser)))
                 if len(missing) == len(sops):
                     _get(assoc, Get, "SERIES", {"StudyInstanceUID": study,
                                                 "SeriesInstanceUID": ser})  # fmt: skip
@@ -338,6 +345,15 @@ def dimse_puller(
                         _get(assoc, Get, "IMAGE", {"StudyInstanceUID": study,
                                                    "SeriesInstanceUID": ser,
                                                    "SOPInstanceUID": sop})  # fmt: skip
+            # A sub-operation the PACS reported as failed is asked for once more, one by one;
+            # what still fails is fetched by the next 'silo data add' (it resumes).
+            for sop in sorted(wanted - received):
+                study, ser = where[sop]
+                _get(assoc, Get, "IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": ser,
+                                           "SOPInstanceUID": sop})  # fmt: skip
+            left = len(wanted - received)
+            if left:
+                log.warning("%d instance(s) not retrieved; run 'silo data add' again", left)
         finally:
             assoc.release()
         return written[0]
@@ -362,7 +378,7 @@ def _find(
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for status, ident in assoc.send_c_find(_identifier(level, keys, wanted), model):
-        if status is None:
+        if status is None or "Status" not in status:
             raise DataError("the PACS stopped answering the C-FIND (timeout or abort); retry later")
         code = int(status.Status)
         if code in (0xFF00, 0xFF01) and ident is not None:
@@ -377,9 +393,15 @@ def _find(
 
 def _get(assoc: Any, model: Any, level: str, keys: dict[str, str]) -> None:
     for status, _ in assoc.send_c_get(_identifier(level, keys, []), model):
-        if status is None:
-            raise DataError("the PACS stopped answering the C-GET (timeout or abort); retry later")
+        if status is None or "Status" not in status:
+            raise DataError(
+                "the PACS stopped answering the C-GET (timeout or abort); run 'silo data add' "
+                "again to fetch the rest"
+            )
         code = int(status.Status)
+        if code == 0xB000:
+            log.debug("C-GET %s: %s sub-operation(s) failed", level,
+                      status.get("NumberOfFailedSuboperations"))  # fmt: skip
         if code not in (0x0000, 0xFF00, 0xB000):
             raise DataError(
                 f"the PACS refused the C-GET at {level} level (status 0x{code:04X}); check that "

@@ -5,6 +5,7 @@ PID in teardown. Skips with a reason when Debian's orthanc/orthanc-dicomweb are 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -75,19 +76,24 @@ class Orthanc:
                 r.raise_for_status()
 
 
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    """Start Orthanc for the session; stop it (SIGTERM, then SIGKILL) by PID afterwards."""
-    binary = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc")
-                                         else None)  # fmt: skip
-    plugin = _plugin()
-    if binary is None or plugin is None:
-        pytest.skip(
-            "Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)"
-        )
+def orthanc_missing() -> bool:
+    """True when the Orthanc binary or its DICOMweb plugin is not installed."""
+    return _binary() is None or _plugin() is None
+
+
+def _binary() -> str | None:
+    found = shutil.which("Orthanc")
+    return found or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+
+
+@contextlib.contextmanager
+def running_orthanc(folder: Path) -> Iterator[Orthanc]:
+    """Start Orthanc as a plain process on 127.0.0.1 with a generated config; stop it by PID."""
     import requests
 
-    folder = tmp_path_factory.mktemp("orthanc")
+    binary, plugin = _binary(), _plugin()
+    if binary is None or plugin is None:
+        raise RuntimeError("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
     pacs = Orthanc(free_port(), free_port(), folder)
     config = {
         "Name": "fedsilo-test-pacs",
@@ -118,7 +124,9 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {proc.returncode}; see {folder / 'orthanc.log'}")
+                raise RuntimeError(
+                    f"Orthanc exited with {proc.returncode}; see {folder}/orthanc.log"
+                )
             try:
                 r = requests.get(f"{pacs.url}/system", auth=(USER, PASSWORD), timeout=1)
                 if r.ok:
@@ -126,7 +134,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
             except requests.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer within 30 s; see {folder / 'orthanc.log'}")
+                raise RuntimeError(f"Orthanc did not answer within 30 s; see {folder}/orthanc.log")
             time.sleep(0.1)
         yield pacs
     finally:
@@ -137,6 +145,17 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc for the session; stopped (SIGTERM, then SIGKILL) by PID afterwards."""
+    if orthanc_missing():
+        pytest.skip(
+            "Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)"
+        )
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs
 
 
 @pytest.fixture(scope="session")
