@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from training_plan import wire
 
@@ -50,10 +50,14 @@ from .protocol import AggregateResult, RoundConfig, ServerCoordinator
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-    from aggregator.aggregation import StepReport
     from training_plan import TrainingPlan
 
 log = logging.getLogger("fedsilo.aggregator")
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of array data in a reply (what dominates the wire)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
 
 SECAGG = "secagg"
 """ConfigRecord key of the protocol fields."""
@@ -238,13 +242,13 @@ class SecureAggregation:
 
     # ---------------------------------------------------------------- AggregationStep
     def train(
-        self, grid: Grid, server_round: int, messages: list[Message], report: StepReport
+        self, grid: Grid, server_round: int, messages: list[Message], report: Any
     ) -> list[Message]:
         """Securely aggregate the silos' updates; return one reply with the mean model."""
         return self._run(grid, server_round, messages, report, "train")
 
     def evaluate(
-        self, grid: Grid, server_round: int, messages: list[Message], report: StepReport
+        self, grid: Grid, server_round: int, messages: list[Message], report: Any
     ) -> list[Message]:
         """Securely sum the silos' evaluation counts; return one reply with the metrics."""
         return self._run(grid, server_round, messages, report, "evaluate")
@@ -255,7 +259,7 @@ class SecureAggregation:
         grid: Grid,
         server_round: int,
         messages: list[Message],
-        report: StepReport,
+        report: Any,
         phase: str,
     ) -> list[Message]:
         if not messages:
@@ -277,7 +281,7 @@ class _Exchange:
     """One phase (train or evaluate) of one round: the stage-by-stage message exchange."""
 
     def __init__(
-        self, step: SecureAggregation, grid: Grid, server_round: int, report: StepReport, phase: str
+        self, step: SecureAggregation, grid: Grid, server_round: int, report: Any, phase: str
     ) -> None:
         self.step = step
         self.grid = grid
@@ -305,8 +309,6 @@ class _Exchange:
         self, stage: str, contents: Mapping[int, RecordDict], timeout: float | None
     ) -> dict[int, tuple[Message, dict[str, Any]]]:
         """Send one stage; error replies and silence count as dropouts (recorded)."""
-        from aggregator.aggregation import content_bytes
-
         mtype = message_type(self.phase, stage)
         out = [
             Message(content=c, message_type=mtype, dst_node_id=node, group_id=str(self.round))
@@ -471,8 +473,6 @@ class _Exchange:
         result: AggregateResult,
         examples: float,
     ) -> Message:
-        from aggregator.aggregation import mean_reply
-
         mean = np.asarray(result.mean, dtype=np.float32)
         model: dict[str, np.ndarray] = {}
         offset = 0
@@ -489,7 +489,13 @@ class _Exchange:
             "secure-contributors": len(result.survivors),
             "secure-dropped": len(result.dropped),
         }
-        return mean_reply(carrier, model, examples, metrics)
+        carrier.content = RecordDict(
+            {
+                wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in model.items()}),
+                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: float(examples), **metrics}),
+            }
+        )
+        return carrier
 
     def _eval_reply(
         self,
