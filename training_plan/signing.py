@@ -194,8 +194,7 @@ def verify_plan_signature(plan: TrainingPlan, sig: PlanSignature) -> str:
     named = plan.researcher.public_key if plan.researcher else None
     if named is not None and named != sig.public_key:
         raise PlanSignatureError(
-            f"signed with key {fingerprint(sig.public_key)}, the plan names "
-            f"{fingerprint(named)}"
+            f"signed with key {fingerprint(sig.public_key)}, the plan names {fingerprint(named)}"
         )
     try:
         key = public_key_from_text(sig.public_key)
