@@ -59,6 +59,15 @@ def check_plan(
         raise _refuse(
             home, digest, run_id, stage, f"plan {short} is out of this site's policy: {problems[0]}"
         )
+    if plan.dataset != "default":
+        # local_round still loads the 'default' registration: never train on another tag's data
+        raise _refuse(
+            home,
+            digest,
+            run_id,
+            stage,
+            f"dataset '{plan.dataset}': this silo's fedsilo trains only on its 'default' dataset",
+        )
     if plan.dataset not in home.datasets:
         raise _refuse(
             home,
