@@ -5,6 +5,7 @@ Run configuration (``flwr run ... --run-config``):
   out-dir    where checkpoints, the event log and the final model go
   run-id     the consortium's name for this run (binds every secure-aggregation message)
   node-wait  seconds to wait for the plan's minimum number of silos (default 180)
+  stage-timeout  seconds a secure-aggregation key stage waits for silent silos (default 600)
 """
 
 from __future__ import annotations
@@ -41,8 +42,20 @@ def main(grid: Grid, context: Context) -> None:
         log.error("run %s stopped: %s", run_id, exc)
         raise SystemExit(1) from None
     try:
+        aggregation = None
+        stage_timeout = float(config.get("stage-timeout", 0) or 0)
+        if stage_timeout and plan.secure_aggregation.enabled:
+            from secure_agg.flower import SecureAggregation
+
+            # How long a key/consistency/unmask stage waits for silent silos before it counts
+            # them as dropped (the mask stage, which trains, keeps its own longer limit).
+            aggregation = SecureAggregation.from_plan(plan, key_timeout=stage_timeout)
         run = FederatedRun(
-            plan, out_dir, run_id, node_wait_seconds=float(config.get("node-wait", 180))
+            plan,
+            out_dir,
+            run_id,
+            aggregation=aggregation,
+            node_wait_seconds=float(config.get("node-wait", 180)),
         )
         result = run.run(grid)
         log.info("run %s finished: %d rounds", run_id, len(result.rounds))
