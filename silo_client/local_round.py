@@ -57,10 +57,11 @@ class LocalData:
     val_labels: torch.Tensor
 
 
-def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str = "default") -> LocalData:
-    """Load (from the preprocessed cache when possible) and split the silo's dataset."""
+def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = None) -> LocalData:
+    """Load (from the preprocessed cache when possible) and split the dataset the plan selects."""
     from silo_client.data.dicom_dataset import Preprocessing, build_dataset
 
+    dataset = dataset or plan.dataset
     folder = home.dataset_folder(dataset)
     window = plan.preprocessing.window
     preprocessing = Preprocessing(

@@ -81,7 +81,7 @@ def build_model(
     name: str,
     args: dict[str, Any] | None = None,
     *,
-    norm: str = "group",
+    norm: str = "instance",
     in_channels: int = 1,
     num_outputs: int = 1,
 ) -> torch.nn.Module:
