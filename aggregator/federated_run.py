@@ -9,37 +9,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from aggregator.aggregation import AggregationStep, PlainAggregation, StepReport
 from aggregator.artifacts import EventLog, save_model
+from aggregator.checkpoint import (
+    Checkpoint,
+    restore_rng,
+    restore_strategy_state,
+    rng_state,
+    save_checkpoint,
+    strategy_state,
+)
 from aggregator.errors import NotEnoughSilos, RoundFailed, StrategyRefused
+from aggregator.strategies import build_strategy
 from training_plan import TrainingPlan, canonical_json, plan_hash, wire
 
 log = logging.getLogger("fedsilo.aggregator")
-
-
-def build_strategy(plan: TrainingPlan) -> Strategy:
-    """The Flower strategy the plan asks for, sampling every connected silo each round."""
-    fed = plan.federation
-    if fed.strategy == "fedavg":
-        return FedAvg(
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=fed.min_silos,
-            min_evaluate_nodes=fed.min_silos,
-            min_available_nodes=fed.min_silos,
-            weighted_by_key=wire.NUM_EXAMPLES,
-            arrayrecord_key=wire.ARRAYS,
-            configrecord_key=wire.CONFIG,
-        )
-    raise StrategyRefused(f"strategy '{fed.strategy}' is not supported")
 
 
 def initial_model(plan: TrainingPlan) -> tuple[dict[str, np.ndarray], list[tuple[str, tuple]]]:
@@ -104,12 +96,14 @@ class FederatedRun:
         aggregation: AggregationStep | None = None,
         node_wait_seconds: float = 180.0,
         on_round: Callable[[RoundRecord], None] | None = None,
+        resume: Checkpoint | None = None,
     ) -> None:
         self.plan = plan
         self.out_dir = Path(out_dir)
         self.run_id = run_id
-        self.strategy = strategy or build_strategy(plan)
         self.aggregation = aggregation or default_aggregation(plan)
+        self.strategy = strategy or build_strategy(plan, secure=self.aggregation.name != "plain")
+        self.resume = resume
         self.node_wait_seconds = node_wait_seconds
         self.on_round = on_round
         self.events = EventLog(self.out_dir / "events.jsonl")
@@ -144,8 +138,13 @@ class FederatedRun:
         """Run every round of the plan; the global model never advances on a failed round."""
         result = RunResult(run_id=self.run_id, plan_hash=self.hash)
         named, self.layout = initial_model(self.plan)
-        save_model(self.out_dir / "rounds" / "round-000.safetensors", named)
-        arrays = {wire.MODEL: wire.pack(named, self.layout)}
+        first_round = 1
+        if self.resume is None:
+            save_model(self.out_dir / "rounds" / "round-000.safetensors", named)
+            arrays = {wire.MODEL: wire.pack(named, self.layout)}
+        else:
+            arrays = self._restore(self.resume, result)
+            first_round = self.resume.round + 1
         try:
             nodes = self._wait_for_silos(grid)
         except NotEnoughSilos as exc:
@@ -153,7 +152,8 @@ class FederatedRun:
             self.events.write("run-failed", reason=str(exc))
             raise
         self.events.write(
-            "run-started",
+            "run-started" if self.resume is None else "run-resumed",
+            first_round=first_round,
             run_id=self.run_id,
             plan_hash=self.hash,
             silos=len(nodes),
@@ -161,7 +161,7 @@ class FederatedRun:
             aggregation=self.aggregation.name,
         )
         try:
-            for server_round in range(1, self.plan.federation.rounds + 1):
+            for server_round in range(first_round, self.plan.federation.rounds + 1):
                 arrays = self._one_round(grid, server_round, arrays, result)
         except Exception as exc:
             result.status = "failed"
@@ -176,6 +176,18 @@ class FederatedRun:
         )
         self.events.write("run-finished", rounds=len(result.rounds))
         return result
+
+    def _restore(self, checkpoint: Checkpoint, result: RunResult) -> dict[str, np.ndarray]:
+        """Strategy state, RNGs and round records from a checkpoint; the model to continue from."""
+        if checkpoint.plan_hash != self.hash:
+            raise StrategyRefused(
+                f"the checkpoint belongs to plan {checkpoint.plan_hash[:12]}, not to this run's "
+                f"plan {self.hash[:12]}; resume with the plan the run started with"
+            )
+        restore_strategy_state(self.strategy, checkpoint.strategy_state)
+        restore_rng(checkpoint.rng)
+        result.rounds.extend(RoundRecord(**r) for r in checkpoint.rounds)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in checkpoint.arrays.items()}
 
     def _one_round(
         self, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], result: RunResult
@@ -269,6 +281,18 @@ class FederatedRun:
             seconds=time.monotonic() - started,
         )
         result.rounds.append(round_record)
+        save_checkpoint(
+            self.out_dir,
+            Checkpoint(
+                round=server_round,
+                run_id=self.run_id,
+                plan_hash=self.hash,
+                arrays={k: np.asarray(v) for k, v in new_arrays.items()},
+                strategy_state=strategy_state(self.strategy),
+                rng=rng_state(),
+                rounds=[asdict(r) for r in result.rounds],
+            ),
+        )
         self.events.write(
             "round-finished",
             round=server_round,

@@ -136,6 +136,7 @@ def train_round(
         data.train_labels,
         plan.training,
         seed=silo_seed(plan, home.name, server_round),
+        proximal_mu=plan.federation.proximal_mu,  # FedProx: from the approved plan, not the config
     )
     local = float_state(model)
     if set(global_arrays) == {wire.MODEL}:

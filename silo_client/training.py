@@ -81,8 +81,16 @@ def train_local(
     labels: torch.Tensor,
     spec: TrainingSpec,
     seed: int,
+    *,
+    proximal_mu: float = 0.0,
+    global_params: list[torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train in place for spec.local_epochs epochs with binary cross-entropy on one logit."""
+    """Train in place for spec.local_epochs epochs with binary cross-entropy on one logit.
+
+    With ``proximal_mu`` > 0 (FedProx) the loss gains mu/2 * ||w - w_global||^2 over the
+    trainable parameters; ``global_params`` are the global weights in ``model.parameters()``
+    order (default: the model's weights when training starts, i.e. the global model).
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -94,13 +102,22 @@ def train_local(
     )
     optimizer = make_optimizer(model, spec)
     loss_fn = nn.BCEWithLogitsLoss()
+    if proximal_mu > 0 and global_params is None:
+        global_params = [p.detach().clone() for p in model.parameters()]
     model.train()
     steps, loss_total = 0, 0.0
     for _ in range(spec.local_epochs):
         for batch_images, batch_labels in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(batch_images).squeeze(1), batch_labels)
-            loss.backward()
+            fit_loss = loss
+            if proximal_mu > 0 and global_params is not None:
+                proximal = sum(
+                    ((p - g) ** 2).sum()
+                    for p, g in zip(model.parameters(), global_params, strict=True)
+                )
+                fit_loss = loss + 0.5 * proximal_mu * proximal
+            fit_loss.backward()
             optimizer.step()
             steps += 1
             loss_total += float(loss.detach())

@@ -20,6 +20,30 @@ AUGMENTATIONS = ("flip-horizontal", "flip-vertical", "rotate-90", "intensity-jit
 EVAL_METRICS = ("loss", "accuracy", "sensitivity", "specificity")
 """Metrics the silos can report, as secure sums (never per silo)."""
 
+STRATEGY_ARGS: dict[str, dict[str, tuple[float, float]]] = {
+    "fedavg": {},
+    "fedavgm": {"server_learning_rate": (0.0, 100.0), "server_momentum": (0.0, 1.0)},
+    "fedadam": {
+        "eta": (0.0, 100.0),
+        "eta_l": (0.0, 100.0),
+        "beta_1": (0.0, 1.0),
+        "beta_2": (0.0, 1.0),
+        "tau": (0.0, 1.0),
+    },
+    "fedprox": {"proximal_mu": (0.0, 1e4)},
+    "krum": {"num_malicious_nodes": (0, 10_000)},
+    "multikrum": {"num_malicious_nodes": (0, 10_000), "num_nodes_to_select": (1, 10_000)},
+    "median": {},
+    "trimmed-mean": {"beta": (0.0, 0.5)},
+    "bulyan": {"num_malicious_nodes": (0, 10_000)},
+}
+"""Each strategy a plan may name, with the arguments it may tune and their (min, max) ranges.
+The names are those of Flower's classes' constructor arguments."""
+STRATEGY_ARGS["fedyogi"] = STRATEGY_ARGS["fedadagrad"] = STRATEGY_ARGS["fedadam"]
+NEEDS_INDIVIDUAL_UPDATES = ("krum", "multikrum", "median", "trimmed-mean", "bulyan")
+"""Robust strategies that look at each silo's update: impossible under secure aggregation."""
+_INTEGER_ARGS = ("num_malicious_nodes", "num_nodes_to_select")
+
 
 class _Strict(BaseModel):
     """Unknown keys are errors: a typo in a plan must never be silently ignored."""
@@ -118,7 +142,29 @@ class FederationSpec(_Strict):
     evaluate_every: int = Field(
         1, ge=0, description="federated validation every k rounds (0: only after the last round)"
     )
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal[
+        "fedavg",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedprox",
+        "krum",
+        "multikrum",
+        "median",
+        "trimmed-mean",
+        "bulyan",
+    ] = Field(
+        "fedavg",
+        description=(
+            "Flower server strategy; krum, multikrum, median, trimmed-mean and bulyan need each "
+            "silo's update and so only run with secure aggregation off"
+        ),
+    )
+    strategy_args: dict[str, float] = Field(
+        default_factory=dict,
+        description="the strategy's tunables, e.g. {eta: 0.01, beta_1: 0.9} for fedadam",
+    )
     on_refusal: Literal["continue", "stop"] = Field(
         "continue",
         description=(
@@ -126,6 +172,37 @@ class FederationSpec(_Strict):
             "part, or 'stop' the run"
         ),
     )
+
+    @model_validator(mode="after")
+    def _strategy_args_fit(self) -> FederationSpec:
+        allowed = STRATEGY_ARGS[self.strategy]
+        for name, value in self.strategy_args.items():
+            if name not in allowed:
+                known = ", ".join(sorted(allowed)) or "none"
+                raise ValueError(
+                    f"federation.strategy_args: '{name}' is not an argument of "
+                    f"{self.strategy} (it takes: {known})"
+                )
+            low, high = allowed[name]
+            if not low <= value <= high:
+                raise ValueError(
+                    f"federation.strategy_args.{name} = {value} is outside [{low}, {high}]"
+                )
+            if name in _INTEGER_ARGS and value != int(value):
+                raise ValueError(f"federation.strategy_args.{name} must be a whole number")
+        if self.strategy == "fedprox" and not self.strategy_args.get("proximal_mu", 0.0) > 0:
+            raise ValueError(
+                "federation.strategy fedprox needs strategy_args.proximal_mu > 0 "
+                "(with 0 it is plain fedavg)"
+            )
+        return self
+
+    @property
+    def proximal_mu(self) -> float:
+        """Weight of the silo-side proximal term mu/2 ||w - w_global||^2 (0 unless fedprox)."""
+        if self.strategy != "fedprox":
+            return 0.0
+        return float(self.strategy_args.get("proximal_mu", 0.0))
 
 
 class SecureAggregationSpec(_Strict):
@@ -172,5 +249,12 @@ class TrainingPlan(_Strict):
             raise ValueError(
                 "federation.min_silos must be at least 3 when secure_aggregation is enabled "
                 "(with two silos each could subtract its own update from the sum)"
+            )
+        if self.secure_aggregation.enabled and self.federation.strategy in NEEDS_INDIVIDUAL_UPDATES:
+            raise ValueError(
+                f"federation.strategy {self.federation.strategy} needs each silo's individual "
+                "update, which secure aggregation hides by design; choose fedavg, fedavgm, "
+                "fedadam, fedyogi, fedadagrad or fedprox, or turn secure_aggregation off where "
+                "every silo's policy allows it"
             )
         return self
