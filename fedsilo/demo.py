@@ -384,6 +384,7 @@ def _write_outputs(
     )
     for name, curve in local_curves.items():
         ax.plot(range(1, len(curve) + 1), curve, "--", alpha=0.8, label=f"{name} alone")
+    ax.set_xticks([r["round"] for r in rows])
     ax.set_xlabel("round (local-only: same number of local epochs)")
     ax.set_ylabel("AUC on pooled held-out test set")
     ax.set_ylim(0.4, 1.0)
