@@ -31,6 +31,10 @@ from aggregator.cli_registry import register as _register_registry  # noqa: E402
 
 _register_registry(app)
 
+from aggregator.cli_runs import register as _register_runs  # noqa: E402
+
+_register_runs(app)
+
 
 @app.command("show-run")
 def show_run(

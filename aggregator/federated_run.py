@@ -50,6 +50,22 @@ def initial_model(plan: TrainingPlan) -> tuple[dict[str, np.ndarray], list[tuple
     return arrays, [(k, tuple(v.shape)) for k, v in arrays.items()]
 
 
+def seed_server_rngs(seed: int) -> None:
+    """Seed the server's RNGs (Flower samples and orders silos with ``random``) from the plan.
+
+    Same seed, same silo order, same float summation order: a resumed run (which restores these
+    states from its checkpoint) ends with the same model as an uninterrupted one. Secure
+    aggregation's secrets never come from these generators (they use the OS's CSPRNG).
+    """
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def default_aggregation(plan: TrainingPlan) -> AggregationStep:
     """Secure aggregation unless the plan turned it off."""
     if plan.secure_aggregation.enabled:
@@ -140,6 +156,7 @@ class FederatedRun:
         named, self.layout = initial_model(self.plan)
         first_round = 1
         if self.resume is None:
+            seed_server_rngs(self.plan.training.seed)
             save_model(self.out_dir / "rounds" / "round-000.safetensors", named)
             arrays = {wire.MODEL: wire.pack(named, self.layout)}
         else:

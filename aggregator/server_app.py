@@ -6,6 +6,7 @@ Run configuration (``flwr run ... --run-config``):
   run-id     the consortium's name for this run (binds every secure-aggregation message)
   node-wait  seconds to wait for the plan's minimum number of silos (default 180)
   stage-timeout  seconds a secure-aggregation key stage waits for silent silos (default 600)
+  resume     non-empty: continue the run in out-dir from its last checkpoint (`aggregator resume`)
 """
 
 from __future__ import annotations
@@ -50,12 +51,19 @@ def main(grid: Grid, context: Context) -> None:
             # How long a key/consistency/unmask stage waits for silent silos before it counts
             # them as dropped (the mask stage, which trains, keeps its own longer limit).
             aggregation = SecureAggregation.from_plan(plan, key_timeout=stage_timeout)
+        checkpoint = None
+        if str(config.get("resume", "") or ""):
+            from aggregator.checkpoint import load_checkpoint
+
+            checkpoint = load_checkpoint(out_dir)
+            run_id = checkpoint.run_id
         run = FederatedRun(
             plan,
             out_dir,
             run_id,
             aggregation=aggregation,
             node_wait_seconds=float(config.get("node-wait", 180)),
+            resume=checkpoint,
         )
         result = run.run(grid)
         log.info("run %s finished: %d rounds", run_id, len(result.rounds))

@@ -1,0 +1,125 @@
+"""`aggregator resume|report|models|export`: what the operator does with a run after it started.
+
+Mounted on the `aggregator` CLI by :func:`register`. Errors are AggregatorErrors: `aggregator`
+prints them as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from aggregator.artifacts import _atomic, read_events
+from aggregator.checkpoint import load_checkpoint
+from aggregator.errors import AggregatorError
+from training_plan import load_plan, plan_hash
+
+console = Console(soft_wrap=True)
+
+
+def _run_dir(run_dir: Path) -> Path:
+    if not (run_dir / "events.jsonl").exists():
+        raise AggregatorError(f"{run_dir} holds no run (no events.jsonl); pass a run's out-dir")
+    return run_dir
+
+
+def resume_run_config(run_dir: Path) -> dict[str, str]:
+    """The ServerApp run configuration that continues RUN_DIR from its last checkpoint.
+
+    Checks first that the run stopped early, that its checkpoint is readable and that the plan
+    beside it is the plan the checkpoint belongs to.
+    """
+    run_dir = _run_dir(Path(run_dir).resolve())
+    events = read_events(run_dir / "events.jsonl")
+    if any(e["event"] == "run-finished" for e in events):
+        raise AggregatorError(f"run in {run_dir} already finished; nothing to resume")
+    checkpoint = load_checkpoint(run_dir)
+    plan_path = run_dir / "plan.yaml"
+    if not plan_path.exists():
+        raise AggregatorError(f"{run_dir} has no plan.yaml; the run cannot be resumed without it")
+    plan = load_plan(plan_path)
+    if plan_hash(plan) != checkpoint.plan_hash:
+        raise AggregatorError(
+            f"{plan_path} hashes to {plan_hash(plan)[:12]} but the checkpoint belongs to plan "
+            f"{checkpoint.plan_hash[:12]}; restore the run's original plan.yaml"
+        )
+    if checkpoint.round >= plan.federation.rounds:
+        raise AggregatorError(
+            f"the checkpoint already holds the last round ({checkpoint.round}); nothing to resume"
+        )
+    return {
+        "plan-path": str(plan_path),
+        "out-dir": str(run_dir),
+        "run-id": checkpoint.run_id,
+        "resume": "yes",
+    }
+
+
+def ensure_resume_key(app_dir: Path) -> None:
+    """Declare the `resume` run-config key in the run's app (Flower drops undeclared overrides)."""
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.exists():
+        raise AggregatorError(f"{app_dir} has no pyproject.toml; the run's Flower app is missing")
+    text = pyproject.read_text(encoding="utf-8")
+    if re.search(r"^resume\s*=", text, flags=re.MULTILINE):
+        return
+    if "[tool.flwr.app.config]" not in text:
+        raise AggregatorError(f"{pyproject} has no [tool.flwr.app.config] table")
+    updated = text.replace("[tool.flwr.app.config]\n", '[tool.flwr.app.config]\nresume = ""\n', 1)
+    _atomic(pyproject, lambda tmp: Path(tmp).write_text(updated, encoding="utf-8"))
+
+
+def resume(
+    run_dir: Path = typer.Argument(..., help="The out-dir of a run that stopped early."),
+    superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="SuperLink (loopback)."),
+    ca: Path = typer.Option(None, "--root-certificates", help="CA of the SuperLink's TLS."),
+) -> None:
+    """Continue a stopped run (e.g. its ServerApp was killed) after its last checkpoint.
+
+    The ServerApp is submitted again through Flower's Control API on loopback, with the run
+    configuration `resume` set; it restores model, strategy state, RNGs and round records.
+    """
+    config = resume_run_config(run_dir)
+    run_dir = Path(config["out-dir"])
+    app_dir = run_dir / "app"
+    ensure_resume_key(app_dir)
+    host = superlink.rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        raise AggregatorError("drive the Control API on loopback only (--superlink 127.0.0.1:PORT)")
+    flwr_home = run_dir / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    certs = f'root-certificates = "{ca}"\n' if ca else "insecure = true\n"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
+        f'address = "{superlink}"\n{certs}'
+    )
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    flwr = Path(sys.executable).parent / "flwr"
+    completed = subprocess.run(
+        [str(flwr), "run", str(app_dir), "consortium", "--run-config", overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FLWR_HOME": str(flwr_home)},
+        timeout=180,
+        check=False,
+    )
+    if completed.returncode != 0:
+        detail = (completed.stderr or completed.stdout).strip().splitlines()
+        raise AggregatorError(f"'flwr run' failed: {detail[-1] if detail else 'no output'}")
+    checkpoint = load_checkpoint(run_dir)
+    console.print(
+        f"run {config['run-id']} resumes at round {checkpoint.round + 1}; "
+        f"see 'aggregator show-run {run_dir}'"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Mount resume, report, models and export on the `aggregator` CLI."""
+    app.command("resume")(resume)
