@@ -15,9 +15,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from aggregator.artifacts import _atomic, read_events
 from aggregator.checkpoint import load_checkpoint
+from aggregator.cli_registry import _home_option
 from aggregator.errors import AggregatorError
 from training_plan import load_plan, plan_hash
 
@@ -120,6 +122,58 @@ def resume(
     )
 
 
+def report(
+    run_dir: Path = typer.Argument(..., help="A run's out-dir (holds events.jsonl)."),
+) -> None:
+    """Write RUN_DIR/report.html with PNG plots beside it (loss, metrics, traffic, timings)."""
+    from aggregator.report import write_report
+
+    out = write_report(_run_dir(run_dir))
+    console.print(f"report written: {out}")
+
+
+def models(
+    home: Path = _home_option(),
+    runs_dir: Path = typer.Option(
+        None, "--runs", help="Folder of run out-dirs (default: HOME/runs)."
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List the models finished runs exported (RUN/model/)."""
+    from aggregator.model_registry import list_models
+
+    root = runs_dir or (home.expanduser() / "runs")
+    found = list_models(root)
+    if as_json:
+        print(
+            json.dumps(
+                [{**m.__dict__, "run_dir": str(m.run_dir)} for m in found], indent=2, default=str
+            )
+        )
+        return
+    table = Table(title=f"models in {root}")
+    for column in ("run", "title", "plan", "rounds", "final validation"):
+        table.add_column(column)
+    for m in found:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m.final_metrics.items())) or "-"
+        table.add_row(m.run_id, m.title, m.plan_hash[:12], str(m.rounds), metrics)
+    console.print(table)
+
+
+def export(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A finished run's out-dir."),
+    to: Path = typer.Option(..., "--to", help="Folder to copy the model, plan, metrics, card."),
+) -> None:
+    """Copy a finished run's model (safetensors), plan, metrics and model card to a folder."""
+    from aggregator.model_registry import copy_export
+
+    written = copy_export(_run_dir(run_dir), to)
+    console.print(f"exported {len(written)} files to {to}")
+
+
 def register(app: typer.Typer) -> None:
     """Mount resume, report, models and export on the `aggregator` CLI."""
     app.command("resume")(resume)
+    app.command("report")(report)
+    app.command("models")(models)
+    app.command("export")(export)

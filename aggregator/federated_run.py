@@ -192,6 +192,9 @@ class FederatedRun:
             self.out_dir / "final_model.safetensors", result.final_arrays, {"plan_hash": self.hash}
         )
         self.events.write("run-finished", rounds=len(result.rounds))
+        from aggregator.model_registry import export_run
+
+        export_run(self.out_dir, self.plan, self.run_id, result.final_arrays)
         return result
 
     def _restore(self, checkpoint: Checkpoint, result: RunResult) -> dict[str, np.ndarray]:
