@@ -183,7 +183,10 @@ def test_train_local_proximal_term_pulls_towards_global() -> None:
         before = [p.detach().clone() for p in model.parameters()]
         train_local(model, images, labels, spec, seed=1, proximal_mu=mu)
         moved.append(
-            sum(float((p - b).norm()) for p, b in zip(model.parameters(), before, strict=True))
+            sum(
+                float((p.detach() - b).norm())
+                for p, b in zip(model.parameters(), before, strict=True)
+            )
         )
     assert moved[1] < moved[0]
 
