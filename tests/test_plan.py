@@ -41,6 +41,10 @@ def test_hash_ignores_order_comments_and_explicit_defaults() -> None:
         (MINIMAL + "federation: {min_silos: 2}\n", "min_silos must be at least 3"),
         (MINIMAL + "task: regression\n", "task"),
         ("title: [unclosed\n", "not valid YAML"),
+        (
+            "title: t\nmodel: {name: densenet121}\npreprocessing: {input_size: 32}\n",
+            "input_size 32 is too small for densenet121 with instance norm: use at least 64",
+        ),
         ("- a\n- b\n", "must be a YAML mapping"),
     ],
 )
@@ -63,7 +67,7 @@ def test_registry_builds_from_scratch(name: str) -> None:
     import torch
 
     model = build_model(name)
-    out = model(torch.zeros(2, 1, 32, 32))
+    out = model(torch.zeros(2, 1, 64, 64))
     assert out.shape == (2, 1)
     assert name in MODEL_REGISTRY
 

@@ -77,6 +77,27 @@ MODEL_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {
 """Name -> factory(in_channels, num_outputs, **args). Every entry is a MONAI network."""
 
 
+DOWNSAMPLING: dict[str, int] = {
+    "resnet10": 16,
+    "resnet18": 16,
+    "resnet34": 16,
+    "efficientnet-b0": 32,
+    "efficientnet-b1": 32,
+    "densenet121": 32,
+}
+"""How much each network shrinks its input before its deepest normalisation layer."""
+
+
+def min_input_size(name: str, norm: str) -> int:
+    """Smallest input side the network trains on with this norm.
+
+    Instance norm needs more than one spatial element per channel at the deepest layer, so the
+    input must be at least twice the network's downsampling; the other norms need one element.
+    """
+    factor = DOWNSAMPLING.get(name, 1)
+    return 2 * factor if norm == "instance" else factor
+
+
 def build_model(
     name: str,
     args: dict[str, Any] | None = None,

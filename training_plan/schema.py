@@ -244,6 +244,18 @@ class TrainingPlan(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
 
     @model_validator(mode="after")
+    def _input_fits_model(self) -> TrainingPlan:
+        from training_plan.models import min_input_size
+
+        needed = min_input_size(self.model.name, self.model.norm)
+        if self.preprocessing.input_size < needed:
+            raise ValueError(
+                f"preprocessing.input_size {self.preprocessing.input_size} is too small for "
+                f"{self.model.name} with {self.model.norm} norm: use at least {needed}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _secure_agg_needs_three(self) -> TrainingPlan:
         if self.secure_aggregation.enabled and self.federation.min_silos < 3:
             raise ValueError(
