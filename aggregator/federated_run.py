@@ -268,7 +268,9 @@ class FederatedRun:
         mark = time.monotonic()
         every = self.plan.federation.evaluate_every
         last = server_round == self.plan.federation.rounds
-        if last or (every and server_round % every == 0):
+        if (last and self.plan.federation.final_evaluation) or (
+            every and server_round % every == 0
+        ):
             eval_messages = list(
                 self.strategy.configure_evaluate(
                     server_round, new_record, self._config(server_round, "validation"), grid

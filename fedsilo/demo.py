@@ -281,14 +281,18 @@ def _run_federation_and_report(
                 if finished:
                     last = finished[-1]
                     ev = last.get("evaluate", {})
+                    if ev:
+                        shown = (
+                            f"val loss {ev.get('eval-loss', float('nan')):.3f} "
+                            f"acc {ev.get('eval-accuracy', float('nan')):.3f}"
+                        )
+                    else:
+                        loss = last.get("train", {}).get("train-loss", float("nan"))
+                        shown = f"train loss {loss:.3f}"
                     progress.update(
                         task,
                         completed=len(finished),
-                        description=(
-                            f"val loss {ev.get('eval-loss', float('nan')):.3f} "
-                            f"acc {ev.get('eval-accuracy', float('nan')):.3f} "
-                            f"({last.get('participants')} silos)"
-                        ),
+                        description=f"{shown} ({last.get('participants')} silos, secure sum)",
                     )
                 elif any(e["event"] == "run-started" for e in events):
                     progress.update(task, description="round 1 running")

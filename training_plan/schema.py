@@ -142,6 +142,9 @@ class FederationSpec(_Strict):
     evaluate_every: int = Field(
         1, ge=0, description="federated validation every k rounds (0: only after the last round)"
     )
+    final_evaluation: bool = Field(
+        True, description="federated validation after the last round (even when evaluate_every=0)"
+    )
     strategy: Literal[
         "fedavg",
         "fedavgm",
