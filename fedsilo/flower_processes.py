@@ -167,15 +167,22 @@ class FlowerCluster:
         node_config: dict[str, str],
         auth_key: Path | None = None,
         root_certificates: Path | None = None,
+        runner: bool = True,
     ) -> ManagedProcess:
         """Start a flower-supernode that trusts our CA and passes node_config to the ClientApp.
 
         ``auth_key`` is the node-authentication private key (OpenSSH EC) for a SuperLink started
-        with ``enable_node_auth``; ``root_certificates`` overrides the CA it trusts.
+        with ``enable_node_auth``; ``root_certificates`` overrides the CA it trusts. With
+        ``runner`` (the default, as at a hospital) the SuperNode runs with ``--isolation process``
+        and fedsilo's silo runner beside it executes each task: a run whose app bundle carries
+        code, or names another ClientApp, is refused before any of it is imported
+        (silo_client/app_runner.py). Without it, Flower's own SuperExec installs the bundle.
         """
         config = " ".join(f'{key}="{value}"' for key, value in node_config.items())
         auth = ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
-        return self._start(
+        runtime_port = free_port()
+        isolation = ["--isolation", "process"] if runner else []
+        supernode = self._start(
             f"supernode-{name}",
             [
                 _bin("flower-supernode"),
@@ -186,8 +193,9 @@ class FlowerCluster:
                 *auth,
                 "--node-config",
                 config,
+                *isolation,
                 "--port",
-                str(free_port()),
+                str(runtime_port),
                 "--max-retries",
                 "60",
                 "--max-wait-time",
@@ -195,6 +203,21 @@ class FlowerCluster:
             ],
             self.workdir / "flwr-home" / f"supernode-{name}",
         )
+        if runner:
+            self._start(
+                f"runner-{name}",
+                [
+                    sys.executable,
+                    "-m",
+                    "silo_client.app_runner",
+                    "superexec",
+                    "--runtime-api-address",
+                    f"127.0.0.1:{runtime_port}",
+                    "--insecure",
+                ],
+                self.workdir / "flwr-home" / f"runner-{name}",
+            )
+        return supernode
 
     def cli_home(self) -> Path:
         """FLWR_HOME for the `flwr` CLI, with this cluster as its default SuperLink connection."""
