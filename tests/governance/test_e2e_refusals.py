@@ -176,6 +176,8 @@ def test_an_approved_plan_runs_through_the_silo_runner(consortium: Consortium) -
 def test_unapproved_plan_is_refused(consortium: Consortium) -> None:
     plan, path = consortium.plan(PLAN.replace("governance e2e", "not approved by one"), "unapp")
     consortium.approve(plan, consortium.homes[1:])
+    cache = consortium.homes[0].cache_dir
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}  # earlier tests' runs
     events = consortium.run(path, "unapproved")
     assert events[-1]["event"] == "run-failed"
     reasons = _refusals(events)
@@ -184,7 +186,8 @@ def test_unapproved_plan_is_refused(consortium: Consortium) -> None:
     assert len(mine) == 1, reasons
     refused = [e for e in _audit_events(consortium.homes[0]) if e["event"] == "plan-refused"]
     assert refused and "not approved" in refused[-1]["reason"]
-    assert not any(consortium.homes[0].cache_dir.iterdir()), "no data loaded for a refused plan"
+    after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert after == before, "no data may be loaded (or cached) for a refused plan"
 
 
 def test_altered_plan_is_refused(consortium: Consortium) -> None:
