@@ -178,6 +178,8 @@ def test_unapproved_plan_is_refused(consortium: Consortium) -> None:
     consortium.approve(plan, consortium.homes[1:])
     cache = consortium.homes[0].cache_dir
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}  # earlier tests' runs
+    log = consortium.homes[0].logs_dir / "clientapp.log"
+    offset = log.stat().st_size if log.exists() else 0
     events = consortium.run(path, "unapproved")
     assert events[-1]["event"] == "run-failed"
     reasons = _refusals(events)
@@ -188,6 +190,10 @@ def test_unapproved_plan_is_refused(consortium: Consortium) -> None:
     assert refused and "not approved" in refused[-1]["reason"]
     after = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert after == before, "no data may be loaded (or cached) for a refused plan"
+    with log.open() as handle:
+        handle.seek(offset)
+        this_run = handle.read()
+    assert "refused" in this_run and "trained" not in this_run and "round state" not in this_run
 
 
 def test_altered_plan_is_refused(consortium: Consortium) -> None:
