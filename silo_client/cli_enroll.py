@@ -311,10 +311,26 @@ def supernode_command(silo: SiloHome, superlink: str, runtime_port: int) -> list
         str(node_key_path(silo)),
         "--node-config",
         f'home="{silo.root}"',
+        "--isolation",
+        "process",
         "--port",
         str(runtime_port),
         "--max-wait-time",
         "300",
+    ]
+
+
+def runner_command(runtime_port: int) -> list[str]:
+    """The silo runner beside the SuperNode: it executes each task with the installed ClientApp
+    only, refusing app bundles that carry code (silo_client/app_runner.py)."""
+    return [
+        sys.executable,
+        "-m",
+        "silo_client.app_runner",
+        "superexec",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--insecure",
     ]
 
 
@@ -366,8 +382,9 @@ def start(
         with log_path.open("ab") as handle:
             handle.write(f"--- silo start: SuperNode launch {restarts + 1} ---\n".encode())
             handle.flush()
+            port = runtime_port or _free_port()
             popen = subprocess.Popen(
-                supernode_command(silo, superlink, runtime_port or _free_port()),
+                supernode_command(silo, superlink, port),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -375,12 +392,25 @@ def start(
                 cwd=silo.root,
                 start_new_session=True,
             )
-        current[:] = [popen]
+        with (silo.logs_dir / "runner.log").open("ab") as runner_log:
+            runner = subprocess.Popen(
+                runner_command(port),
+                stdout=runner_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=silo.root,
+                start_new_session=True,
+            )
+        current[:] = [popen, runner]
         try:
-            code = popen.wait()
+            while popen.poll() is None and runner.poll() is None:
+                time.sleep(0.5)
+            code = popen.poll() if popen.poll() is not None else runner.poll()
         finally:
-            if popen.poll() is None:
-                _stop(popen)
+            for process in (popen, runner):
+                if process.poll() is None:
+                    _stop(process)
         with log_path.open("rb") as handle:
             handle.seek(offset)
             tail = handle.read().decode(errors="replace")
