@@ -22,6 +22,7 @@ from silo_client.data.dicom_dataset import (
     Preprocessing,
     SkippedFile,
     _from_cache,
+    finish_dataset,
     preprocess_pixels,
 )
 from silo_client.data.ingest import MARKER_FILE, load_frames
@@ -106,28 +107,6 @@ def build_catalogued_dataset(
     warnings = [
         f"{labels_name} line {line}: {record.key_tag} matches no usable image" for line in unmatched
     ]
-    dataset = LocalDataset(
-        torch.stack(images).contiguous(),
-        torch.tensor(ys, dtype=torch.int64),
-        study_uids=study_uids,
-        paths=paths,
-        groups=groups,
-        skipped=skipped,
-        warnings=warnings,
-        cache_hit=False,
-        version=version,
+    return finish_dataset(
+        images, ys, study_uids, paths, groups, skipped, warnings, version, entry_path
     )
-    if entry_path is not None:
-        _cache.save_entry(
-            entry_path,
-            {
-                "images": dataset.images,
-                "labels": dataset.labels,
-                "study_uids": study_uids,
-                "paths": paths,
-                "groups": groups,
-                "skipped": [[s.path, s.reason] for s in skipped],
-                "warnings": warnings,
-            },
-        )
-    return dataset

@@ -594,6 +594,45 @@ def preprocess_pixels(
     return torch.as_tensor(spatial(img)).as_subclass(torch.Tensor)
 
 
+def finish_dataset(
+    images: list[torch.Tensor],
+    ys: list[int],
+    study_uids: list[str],
+    paths: list[str],
+    groups: list[str],
+    skipped: list[SkippedFile],
+    warnings: list[str],
+    version: str,
+    entry_path: Path | None,
+) -> LocalDataset:
+    """Stack the preprocessed images into a LocalDataset and cache it (folder or catalogue)."""
+    dataset = LocalDataset(
+        torch.stack(images).contiguous(),
+        torch.tensor(ys, dtype=torch.int64),
+        study_uids=study_uids,
+        paths=paths,
+        groups=groups,
+        skipped=skipped,
+        warnings=warnings,
+        cache_hit=False,
+        version=version,
+    )
+    if entry_path is not None:
+        _cache.save_entry(
+            entry_path,
+            {
+                "images": dataset.images,
+                "labels": dataset.labels,
+                "study_uids": study_uids,
+                "paths": paths,
+                "groups": groups,
+                "skipped": [[s.path, s.reason] for s in skipped],
+                "warnings": warnings,
+            },
+        )
+    return dataset
+
+
 def build_dataset(
     folder: Path,
     preprocessing: Preprocessing,
@@ -699,28 +738,6 @@ def build_dataset(
     if len(warnings) > 20:
         log.warning("... and %d more label rows matching no study", len(warnings) - 20)
 
-    dataset = LocalDataset(
-        torch.stack(images).contiguous(),
-        torch.tensor(ys, dtype=torch.int64),
-        study_uids=study_uids,
-        paths=paths,
-        groups=groups,
-        skipped=skipped,
-        warnings=warnings,
-        cache_hit=False,
-        version=version,
+    return finish_dataset(
+        images, ys, study_uids, paths, groups, skipped, warnings, version, entry_path
     )
-    if entry_path is not None:
-        _cache.save_entry(
-            entry_path,
-            {
-                "images": dataset.images,
-                "labels": dataset.labels,
-                "study_uids": study_uids,
-                "paths": paths,
-                "groups": groups,
-                "skipped": [[s.path, s.reason] for s in skipped],
-                "warnings": warnings,
-            },
-        )
-    return dataset
