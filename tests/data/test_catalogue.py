@@ -87,7 +87,8 @@ def test_local_round_loads_registered_data(home: SiloHome, hospital: Path) -> No
 
     _silo(home, "add", "default", "--dicom-dir", str(hospital))
     plan = TrainingPlan.model_validate(
-        {"title": "t", "model": {"name": "resnet10", "norm": "batch"}, "preprocessing": {"input_size": 16},
+        {"title": "t", "model": {"name": "resnet10", "norm": "batch"},
+         "preprocessing": {"input_size": 16},
          "training": {"batch_size": 4}, "federation": {"rounds": 1, "min_silos": 3}}
     )  # fmt: skip
     data = load_local_data(SiloHome.open(home.root), plan)
