@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.pki import TlsFiles
+from silo_client.processes import runner_command, superexec_helpers
 
 
 class ClusterError(RuntimeError):
@@ -71,23 +72,6 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def _children_by_parent_pid(pid: int) -> list[int]:
-    """SuperExec helpers are detached but carry --parent-pid PID on their command line."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--parent-pid" in args:
-            index = args.index(b"--parent-pid")
-            if index + 1 < len(args) and args[index + 1] == str(pid).encode():
-                found.append(int(entry.name))
-    return found
 
 
 @dataclass
@@ -206,15 +190,7 @@ class FlowerCluster:
         if runner:
             self._start(
                 f"runner-{name}",
-                [
-                    sys.executable,
-                    "-m",
-                    "silo_client.app_runner",
-                    "superexec",
-                    "--runtime-api-address",
-                    f"127.0.0.1:{runtime_port}",
-                    "--insecure",
-                ],
+                runner_command(runtime_port),
                 self.workdir / "flwr-home" / f"runner-{name}",
             )
         return supernode
@@ -275,7 +251,7 @@ class FlowerCluster:
         """Stop every process (SIGTERM, then SIGKILL), SuperExec helpers included."""
         for process in reversed(self.processes):
             pid = process.popen.pid
-            helpers = _children_by_parent_pid(pid)
+            helpers = superexec_helpers(pid)
             if process.alive():
                 try:
                     os.killpg(pid, signal.SIGTERM)

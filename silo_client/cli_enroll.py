@@ -32,6 +32,7 @@ from silo_client.enrollment import (
 )
 from silo_client.errors import SiloConfigError
 from silo_client.home import HOME_ENV, SiloHome
+from silo_client.processes import runner_command, stop_process_tree
 
 console = Console(soft_wrap=True)
 
@@ -256,42 +257,6 @@ def doctor(home: Path = _home_option()) -> None:
 
 
 # --------------------------------------------------------------------- supervised SuperNode
-def _children_by_parent_pid(pid: int) -> list[int]:
-    """SuperExec helpers are detached from the SuperNode but carry --parent-pid PID."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--parent-pid" in args:
-            index = args.index(b"--parent-pid")
-            if index + 1 < len(args) and args[index + 1] == str(pid).encode():
-                found.append(int(entry.name))
-    return found
-
-
-def _stop(popen: subprocess.Popen) -> None:
-    helpers = _children_by_parent_pid(popen.pid)
-    if popen.poll() is None:
-        try:
-            os.killpg(popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for helper in helpers:
-        try:
-            os.kill(helper, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        popen.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait(timeout=5)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -317,20 +282,6 @@ def supernode_command(silo: SiloHome, superlink: str, runtime_port: int) -> list
         str(runtime_port),
         "--max-wait-time",
         "300",
-    ]
-
-
-def runner_command(runtime_port: int) -> list[str]:
-    """The silo runner beside the SuperNode: it executes each task with the installed ClientApp
-    only, refusing app bundles that carry code (silo_client/app_runner.py)."""
-    return [
-        sys.executable,
-        "-m",
-        "silo_client.app_runner",
-        "superexec",
-        "--runtime-api-address",
-        f"127.0.0.1:{runtime_port}",
-        "--insecure",
     ]
 
 
@@ -364,7 +315,7 @@ def start(
 
     def on_signal(signum: int, _frame: object) -> None:
         for popen in current:
-            _stop(popen)
+            stop_process_tree(popen)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -410,7 +361,7 @@ def start(
         finally:
             for process in (popen, runner):
                 if process.poll() is None:
-                    _stop(process)
+                    stop_process_tree(process)
         with log_path.open("rb") as handle:
             handle.seek(offset)
             tail = handle.read().decode(errors="replace")

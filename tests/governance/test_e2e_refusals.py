@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from aggregator.artifacts import read_events
 from aggregator.pki import make_tls
-from fedsilo.flower_processes import FlowerCluster, free_port, write_flower_app
+from fedsilo.flower_processes import FlowerCluster, write_flower_app
 from silo_client.governance.approvals import ApprovalStore, approve_plan
 from silo_client.governance.audit import AuditLog
 from silo_client.governance.policy import AllowedResearcher, SitePolicy, save_policy
@@ -115,42 +114,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
     try:
         cluster.start_superlink()
         for home in homes:
-            runtime_port = free_port()
-            config = f'home="{home.root}"'
-            cluster._start(
-                f"supernode-{home.name}",
-                [
-                    str(Path(sys.executable).parent / "flower-supernode"),
-                    "--root-certificates",
-                    str(tls.ca_cert),
-                    "--superlink",
-                    cluster.address,
-                    "--node-config",
-                    config,
-                    "--isolation",
-                    "process",
-                    "--port",
-                    str(runtime_port),
-                    "--max-retries",
-                    "60",
-                    "--max-wait-time",
-                    "300",
-                ],
-                work / "flwr-home" / f"supernode-{home.name}",
-            )
-            cluster._start(
-                f"runner-{home.name}",
-                [
-                    sys.executable,
-                    "-m",
-                    "silo_client.app_runner",
-                    "superexec",
-                    "--runtime-api-address",
-                    f"127.0.0.1:{runtime_port}",
-                    "--insecure",
-                ],
-                work / "flwr-home" / f"runner-{home.name}",
-            )
+            # --isolation process with fedsilo's silo runner beside it (the default)
+            cluster.start_supernode(home.name, {"home": str(home.root)})
         app_dir = write_flower_app(work / "app", APP_DEFAULTS)
         yield Consortium(cluster, homes, work, load_private_key(key_path), researcher, app_dir)
     finally:
