@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aggregator.control import require_loopback, submit_run, write_flower_app
 from aggregator.registry import Registry, RegistryError
 
 console = Console(soft_wrap=True)
@@ -85,12 +84,7 @@ def run(
     """Start a run of a submitted plan through Flower's Control API on loopback."""
     registry = Registry(home)
     entry = registry.plan(plan)
-    host = superlink.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
-        raise RegistryError(
-            "the Control API is unauthenticated: drive it on loopback only (--superlink "
-            "127.0.0.1:PORT on the aggregator host)"
-        )
+    require_loopback(superlink, RegistryError)
     run_id = run_id or f"{entry.plan_hash[:8]}-{uuid.uuid4().hex[:6]}"
     run_dir = registry.home / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,40 +92,17 @@ def run(
 
     plan_path = run_dir / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(entry.plan().model_dump(mode="json"), sort_keys=False))
-    app_dir = run_dir / "app"
-    app_dir.mkdir(exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
-        '[project]\nname = "fedsilo-run"\nversion = "1.0.0"\n'
-        'description = "fedsilo federated run (apps installed with fedsilo)"\n'
-        'license = "Apache-2.0"\ndependencies = []\n\n[tool.flwr.app]\npublisher = "fedsilo"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "aggregator.server_app:app"\n'
-        'clientapp = "silo_client.client_app:app"\n\n[tool.flwr.app.config]\n'
-        'plan-path = ""\nout-dir = ""\nrun-id = ""\nnode-wait = 180\n'
+    app_dir = write_flower_app(
+        run_dir / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180}
     )
-    flwr_home = run_dir / "flwr-home"
-    flwr_home.mkdir(exist_ok=True)
-    certs = f'root-certificates = "{ca}"\n' if ca else "insecure = true\n"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
-        f'address = "{superlink}"\n{certs}'
+    submit_run(
+        app_dir,
+        run_dir,
+        superlink,
+        ca,
+        {"plan-path": str(plan_path), "out-dir": str(run_dir), "run-id": run_id},
+        RegistryError,
     )
-    overrides = " ".join(
-        f"{k}={json.dumps(v)}"
-        for k, v in {"plan-path": str(plan_path), "out-dir": str(run_dir), "run-id": run_id}.items()
-    )
-    flwr = Path(sys.executable).parent / "flwr"
-    completed = subprocess.run(
-        [str(flwr), "run", str(app_dir), "consortium", "--run-config", overrides],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FLWR_HOME": str(flwr_home)},
-        timeout=180,
-        check=False,
-    )
-    if completed.returncode != 0:
-        detail = (completed.stderr or completed.stdout).strip().splitlines()
-        raise RegistryError(f"'flwr run' failed: {detail[-1] if detail else 'no output'}")
     registry.start_run(entry.plan_hash, run_id, run_dir)
     console.print(f"run {run_id} of plan {entry.plan_hash[:12]} started; see 'aggregator runs'")
 

@@ -7,10 +7,7 @@ prints them as one line and exits 2.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import typer
@@ -20,6 +17,7 @@ from rich.table import Table
 from aggregator.artifacts import _atomic, read_events
 from aggregator.checkpoint import load_checkpoint
 from aggregator.cli_registry import _home_option
+from aggregator.control import require_loopback, submit_run
 from aggregator.errors import AggregatorError
 from training_plan import load_plan, plan_hash
 
@@ -88,33 +86,12 @@ def resume(
     The ServerApp is submitted again through Flower's Control API on loopback, with the run
     configuration `resume` set; it restores model, strategy state, RNGs and round records.
     """
+    require_loopback(superlink)
     config = resume_run_config(run_dir)
     run_dir = Path(config["out-dir"])
     app_dir = run_dir / "app"
     ensure_resume_key(app_dir)
-    host = superlink.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]"):
-        raise AggregatorError("drive the Control API on loopback only (--superlink 127.0.0.1:PORT)")
-    flwr_home = run_dir / "flwr-home"
-    flwr_home.mkdir(exist_ok=True)
-    certs = f'root-certificates = "{ca}"\n' if ca else "insecure = true\n"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
-        f'address = "{superlink}"\n{certs}'
-    )
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-    flwr = Path(sys.executable).parent / "flwr"
-    completed = subprocess.run(
-        [str(flwr), "run", str(app_dir), "consortium", "--run-config", overrides],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FLWR_HOME": str(flwr_home)},
-        timeout=180,
-        check=False,
-    )
-    if completed.returncode != 0:
-        detail = (completed.stderr or completed.stdout).strip().splitlines()
-        raise AggregatorError(f"'flwr run' failed: {detail[-1] if detail else 'no output'}")
+    submit_run(app_dir, run_dir, superlink, ca, config)
     checkpoint = load_checkpoint(run_dir)
     console.print(
         f"run {config['run-id']} resumes at round {checkpoint.round + 1}; "

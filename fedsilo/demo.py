@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.artifacts import load_model, read_events
+from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
-from fedsilo.flower_processes import ClusterError, FlowerCluster, write_flower_app
+from fedsilo.flower_processes import ClusterError, FlowerCluster
 from silo_client.home import init_silo_home
 from training_plan import TrainingPlan, load_plan
 

@@ -279,32 +279,3 @@ class FlowerCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def write_flower_app(folder: Path, defaults: dict[str, str | int]) -> Path:
-    """A Flower app folder whose components are fedsilo's installed apps.
-
-    The FAB built from it carries only this pyproject.toml: the code that runs at each silo is the
-    fedsilo its IT installed, never code shipped with a run.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {json.dumps(v)}" for k, v in defaults.items())
-    (folder / "pyproject.toml").write_text(
-        "[build-system]\n"
-        'requires = ["hatchling"]\n'
-        'build-backend = "hatchling.build"\n\n'
-        "[project]\n"
-        'name = "fedsilo-run"\n'
-        'version = "1.0.0"\n'
-        'description = "fedsilo federated run (apps installed with fedsilo)"\n'
-        'license = "Apache-2.0"\n'
-        "dependencies = []\n\n"
-        "[tool.flwr.app]\n"
-        'publisher = "fedsilo"\n\n'
-        "[tool.flwr.app.components]\n"
-        'serverapp = "aggregator.server_app:app"\n'
-        'clientapp = "silo_client.client_app:app"\n\n'
-        "[tool.flwr.app.config]\n"
-        f"{config}\n"
-    )
-    return folder

@@ -170,8 +170,9 @@ def test_init_never_mints_a_new_root(consortium) -> None:
 
 
 def test_secure_aggregation_run_over_tls_with_node_auth(consortium) -> None:
+    from aggregator.control import write_flower_app
     from aggregator.pki import TlsFiles
-    from fedsilo.flower_processes import FlowerCluster, write_flower_app
+    from fedsilo.flower_processes import FlowerCluster
 
     root, sup = consortium["root"], consortium["sup"]
     plan_path = root / "plan.yaml"

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from aggregator.artifacts import read_events
+from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
-from fedsilo.flower_processes import FlowerCluster, write_flower_app
+from fedsilo.flower_processes import FlowerCluster
 from silo_client.processes import superexec_helpers
 from tests.e2e.test_secure_dropout import _prepare_silos, _wait_for
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from aggregator.artifacts import read_events
+from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
-from fedsilo.flower_processes import FlowerCluster, write_flower_app
+from fedsilo.flower_processes import FlowerCluster
 from silo_client.governance.approvals import ApprovalStore, approve_plan
 from silo_client.governance.audit import AuditLog
 from silo_client.governance.policy import AllowedResearcher, SitePolicy, save_policy

@@ -271,7 +271,7 @@ def _fab(files: dict[str, str]) -> bytes:
 
 
 def test_bundle_check(tmp_path: Path) -> None:
-    from fedsilo.flower_processes import write_flower_app
+    from aggregator.control import write_flower_app
 
     pyproject = (write_flower_app(tmp_path / "app", {"a": 1}) / "pyproject.toml").read_text()
     good = {"pyproject.toml": pyproject, ".info/CONTENT": "x"}
