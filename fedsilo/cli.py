@@ -70,13 +70,41 @@ def demo(
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to write hospital-*/ folders into."),
+    task: str = typer.Option(
+        "classification",
+        "--task",
+        help="classification (2-D images + labels.csv) or segmentation (3-D CT series + masks).",
+    ),
     hospitals: int = typer.Option(3, "--hospitals", min=1, max=50),
     images_per_hospital: int = typer.Option(120, "--images-per-hospital", min=4, max=100_000),
+    cases_per_hospital: int = typer.Option(
+        16, "--cases-per-hospital", min=2, max=10_000, help="Segmentation: CT series per hospital."
+    ),
     seed: int = typer.Option(0, "--seed"),
     difficulty: float = typer.Option(0.55, "--difficulty", min=0.0, max=1.0),
     image_size: int = typer.Option(64, "--image-size", min=16, max=1024),
 ) -> None:
-    """Generate synthetic hospitals: real DICOM files plus labels.csv per hospital."""
+    """Generate synthetic hospitals: real DICOM files plus labels.csv (classification) or
+    lesion masks as DICOM SEG / NIfTI (segmentation) per hospital."""
+    if task == "segmentation":
+        from silo_client.data.synthetic import generate_segmentation_hospitals
+
+        folders = generate_segmentation_hospitals(
+            out, n_hospitals=hospitals, cases_per_hospital=cases_per_hospital,
+            size=min(image_size, 512), seed=seed,
+        )  # fmt: skip
+        for folder in folders:
+            spec = json.loads((folder / "spec.json").read_text())
+            masks = "DICOM SEG in dicom/seg/" if spec["mask_format"] == "seg" else "NIfTI in masks/"
+            console.print(
+                f"{folder}: {spec['n_cases']} CT series of {spec['size']}x{spec['size']}, "
+                f"{spec['slice_spacing']} mm slices, lesion masks as {masks}"
+            )
+        return
+    if task != "classification":
+        from silo_client.errors import DataError
+
+        raise DataError(f"--task {task!r} is not known; use classification or segmentation")
     from silo_client.data.synthetic import generate_hospitals
 
     specs = generate_hospitals(

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from silo_client.data.catalogue import Catalogue
+import numpy as np
+import pydicom
 
-__all__ = ["DataWarning", "check_dataset"]
+from silo_client.data.catalogue import Catalogue
+from silo_client.data.volume import VolumeError, check_series_geometry, slice_header
+
+__all__ = ["DataWarning", "check_dataset", "check_series"]
 
 #: A class holding less than this share of the labelled images is called imbalanced.
 MIN_CLASS_SHARE = 0.2
 #: Largest/smallest pixel spacing above this ratio is called a spacing spread.
 MAX_SPACING_RATIO = 1.5
+#: Largest/smallest slice thickness (or slice spacing) across series above this ratio is a spread.
+MAX_SLICE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -85,10 +93,85 @@ def check_dataset(catalogue: Catalogue, name: str, min_images: int = 10) -> list
             "unmatched-labels",
             f"{len(lines)} labels-file row(s) match no usable image (lines {shown})",
         ))  # fmt: skip
+    out.extend(check_series(catalogue, name, rows))
     if summary["files"] and summary["skipped"] / summary["files"] > 0.5:
         out.append(DataWarning(
             "many-skipped",
             f"{summary['skipped']} of {summary['files']} files are skipped; "
             f"see 'silo data show {name}' for the reasons",
+        ))  # fmt: skip
+    return out
+
+
+def _ratio_warning(code: str, what: str, values: list[float], n_series: int) -> DataWarning | None:
+    if len(values) < 2 or min(values) <= 0 or max(values) / min(values) <= MAX_SLICE_RATIO:
+        return None
+    return DataWarning(
+        code,
+        f"{what} ranges from {min(values):.3g} to {max(values):.3g} mm across {n_series} series "
+        f"(ratio > {MAX_SLICE_RATIO}); volumes are resampled to one grid, so thin and thick "
+        "series look different to the model: consider resampling or separate datasets",
+    )
+
+
+def check_series(
+    catalogue: Catalogue, name: str, rows: list[sqlite3.Row] | None = None
+) -> list[DataWarning]:
+    """Warnings about the dataset's multi-slice series as volumes: slice-thickness spread and
+    slice-spacing spread across series, and series with missing or duplicate slices, uneven
+    spacing, mixed orientations (see :func:`silo_client.data.volume.check_series_geometry`).
+
+    Reads the headers (no pixels) of the files of every series with two or more single-frame
+    slices; series of one image (2-D data) cost nothing.
+    """
+    record = catalogue.require(name)
+    root = Path(record.files_root)
+    rows = catalogue.usable(name) if rows is None else rows
+    series: dict[str, list[sqlite3.Row]] = {}
+    for row in rows:
+        if int(row["frames"] or 1) == 1 and row["series_uid"]:
+            series.setdefault(row["series_uid"], []).append(row)
+    stacks = {uid: files for uid, files in series.items() if len(files) >= 2}
+    thickness = [
+        float(np.median(t))
+        for files in stacks.values()
+        if (t := [float(r["slice_thickness"]) for r in files if r["slice_thickness"]])
+    ]
+    spacing: list[float] = []
+    problems: list[str] = []
+    uneven: list[str] = []
+    for uid, files in sorted(stacks.items()):
+        headers = []
+        try:
+            for r in files:
+                ds = pydicom.dcmread(root / r["path"], stop_before_pixels=True, force=True)
+                headers.append(slice_header(ds, r["path"]))
+            geometry = check_series_geometry(headers, min_slices=2, label=f"series {uid}")
+        except VolumeError as exc:
+            problems.append(str(exc))
+            continue
+        except Exception as exc:  # a file changed or vanished since the ingest
+            problems.append(f"series {uid}: a file cannot be read any more ({type(exc).__name__})")
+            continue
+        spacing.append(geometry.spacing[0])
+        uneven.extend(geometry.warnings)
+    out: list[DataWarning] = []
+    for warning in (
+        _ratio_warning("slice-thickness-spread", "SliceThickness", thickness, len(stacks)),
+        _ratio_warning("slice-spacing-spread", "slice spacing", spacing, len(stacks)),
+    ):
+        if warning is not None:
+            out.append(warning)
+    if problems:
+        out.append(DataWarning(
+            "series-geometry",
+            f"{len(problems)} of {len(stacks)} series cannot be used as volumes "
+            f"(first: {problems[0]})",
+        ))  # fmt: skip
+    if uneven:
+        out.append(DataWarning(
+            "uneven-slices",
+            f"{len(uneven)} series have uneven slice spacing or sheared stacks "
+            f"(first: {uneven[0]})",
         ))  # fmt: skip
     return out
