@@ -63,6 +63,14 @@ def series(
                 RescaleIntercept="-1024",
                 RescaleSlope="1",
                 PatientName="Series^Factory",
+                PatientBirthDate="19700101",
+                PatientSex="O",
+                StudyDate="20240101",
+                StudyTime="120000",
+                ReferringPhysicianName="",
+                AccessionNumber="A1",
+                StudyID="1",
+                SeriesNumber=1,
                 Modality="CT",
             )
         )
