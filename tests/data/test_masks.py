@@ -60,7 +60,7 @@ def test_seg_without_source_references_uses_plane_positions(tmp_path: Path, case
 
 
 def test_seg_for_another_series(tmp_path: Path, case) -> None:
-    slices, volume, mask = case
+    slices, _, mask = case
     other = build_volume(sf.series(n=7, size=12, iop=TILT))
     with pytest.raises(MaskError, match=r"seg.dcm: DICOM SEG references series .*, not series"):
         mask_from_seg(_seg(tmp_path, slices, mask), other, "seg.dcm")
@@ -159,7 +159,7 @@ def test_nifti_named_segment_refused(tmp_path: Path, case) -> None:
 def test_unreadable_nifti(tmp_path: Path, case) -> None:
     _, volume, _ = case
     (tmp_path / "bad.nii.gz").write_bytes(b"not gzip")
-    with pytest.raises(MaskError, match="bad.nii.gz: not a readable NIfTI file"):
+    with pytest.raises(MaskError, match=r"bad\.nii\.gz: not a readable NIfTI file"):
         mask_from_nifti(tmp_path / "bad.nii.gz", volume)
 
 
