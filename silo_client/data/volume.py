@@ -307,9 +307,11 @@ class Volume:
 
 
 def _rescale(ds: DicomDataset, source: str) -> tuple[float, float]:
+    # A missing or empty tag means the identity; a present 0 is an error, not a default.
+    slope_raw, intercept_raw = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0) if "RescaleSlope" in ds else 1.0
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = 1.0 if slope_raw is None or slope_raw == "" else float(slope_raw)
+        intercept = 0.0 if intercept_raw is None or intercept_raw == "" else float(intercept_raw)
     except (TypeError, ValueError):
         raise VolumeError(f"{source}: invalid RescaleSlope/RescaleIntercept") from None
     if slope == 0 or not (math.isfinite(slope) and math.isfinite(intercept)):

@@ -152,3 +152,21 @@ def test_geometry_from_headers_only(tmp_path: Path) -> None:
     geom = check_series_geometry(headers)
     assert geom.shape == (6, 8, 8) and geom.spacing[0] == pytest.approx(1.25)
     assert [headers[i].instance_number for i in geom.order] == [6, 5, 4, 3, 2, 1]
+
+
+def test_rescale_slope_and_intercept_give_hu() -> None:
+    slices = sf.series(n=3)
+    for ds in slices:
+        ds.RescaleSlope, ds.RescaleIntercept = "2", "-1000"
+    vol = build_volume(slices)
+    assert vol.voxels[:, 0, 0].tolist() == [2 * sf.slice_value(k) - 1000 for k in range(3)]
+    slices[1].RescaleSlope = "0"
+    with pytest.raises(VolumeError, match="invalid RescaleSlope 0"):
+        build_volume(slices)
+
+
+def test_multi_frame_image_is_refused() -> None:
+    slices = sf.series(n=3)
+    slices[0].NumberOfFrames = 2
+    with pytest.raises(VolumeError, match=r"s0: multi-frame image \(2 frames\)"):
+        build_volume(slices, sources=["s0", "s1", "s2"])
