@@ -207,6 +207,20 @@ class ConsortiumHome:
     root: Path
     name: str
     address: str
+    control_port: int | None = None
+
+    @property
+    def fleet_port(self) -> int:
+        """The public Fleet API port (the port of the consortium address)."""
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def loopback_port(self) -> int:
+        """The port flower-superlink listens on at 127.0.0.1 (all its APIs, Control included).
+
+        Defaults to the Fleet port + 1; `aggregator init --control-port` sets another.
+        """
+        return self.control_port or self.fleet_port + 1
 
     # ---------------------------------------------------------------- paths
     @property
@@ -287,7 +301,13 @@ class ConsortiumHome:
             )
         try:
             data = json.loads(config.read_text())
-            return cls(root=root.resolve(), name=str(data["name"]), address=str(data["address"]))
+            control = data.get("control_port")
+            return cls(
+                root=root.resolve(),
+                name=str(data["name"]),
+                address=str(data["address"]),
+                control_port=int(control) if control else None,
+            )
         except (ValueError, KeyError, TypeError):
             raise ConsortiumError(f"{config} is damaged; restore it from backup") from None
 
@@ -412,8 +432,17 @@ class ConsortiumHome:
         return self.server_cert
 
 
-def init_consortium(root: Path | str, name: str, address: str, days: int = 397) -> ConsortiumHome:
-    """Create a consortium home; an existing CA is never replaced (ConsortiumError)."""
+def init_consortium(
+    root: Path | str,
+    name: str,
+    address: str,
+    days: int = 397,
+    control_port: int | None = None,
+) -> ConsortiumHome:
+    """Create a consortium home; an existing CA is never replaced (ConsortiumError).
+
+    ``control_port`` is the loopback port of flower-superlink (default: the Fleet port + 1).
+    """
     from secure_agg.keys import check_name
 
     try:
@@ -428,9 +457,14 @@ def init_consortium(root: Path | str, name: str, address: str, days: int = 397) 
             f"root. Use 'aggregator renew' for the SuperLink certificate, or see the CA rotation "
             f"procedure in docs/operators/consortium.md"
         )
+    home = ConsortiumHome(root=root, name=name, address=address, control_port=control_port)
+    if home.loopback_port == home.fleet_port or not 0 < home.loopback_port < 65536:
+        raise ConsortiumError(
+            f"control port {home.loopback_port} must differ from the Fleet port "
+            f"{home.fleet_port} and be 1-65535; pass another --control-port"
+        )
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
-    home = ConsortiumHome(root=root, name=name, address=address)
     home.pki_dir.mkdir(exist_ok=True)
     os.chmod(home.pki_dir, 0o700)
     try:
@@ -441,7 +475,9 @@ def init_consortium(root: Path | str, name: str, address: str, days: int = 397) 
     for folder in (home.bundles_dir, home.superlink_dir, home.logs_dir, home.flwr_home):
         folder.mkdir(exist_ok=True)
     home._save_members({}, {})
-    config = {"version": 1, "name": name, "address": address, "created": now_iso()}
+    config: dict[str, Any] = {"version": 1, "name": name, "address": address, "created": now_iso()}
+    if control_port:
+        config["control_port"] = control_port
     write_atomic(home.root / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return home
 
@@ -483,9 +519,8 @@ def _control_client(home: ConsortiumHome, address: str | None = None):
 
 
 def local_control_address(home: ConsortiumHome) -> str:
-    """Where this machine reaches the Control API: loopback, on the SuperLink's port."""
-    port = home.address.rpartition(":")[2]
-    return f"127.0.0.1:{port}"
+    """Where this machine reaches the Control API: flower-superlink's loopback-only port."""
+    return f"127.0.0.1:{home.loopback_port}"
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,13 @@ def test_compose_file_is_consistent() -> None:
                 assert source in compose["volumes"], (name, source)
     for name in silos:
         assert services[name]["command"][:2] == ["silo", "start"]
-        assert "internal" not in services[name]["networks"]  # silos never see the Control API
-    assert "ports" not in services["superlink"]  # only the fleet-only front is published
-    assert services["superlink"]["command"][:2] == ["aggregator", "start"]
-
-
-def test_front_forwards_only_the_fleet_api() -> None:
-    for text in (
-        (DEPLOY / "compose" / "nginx-fleet-only.conf").read_text(),
-        (CHART / "templates" / "configmap.yaml").read_text(),
-    ):
-        assert "location /v1/fleet/" in text
-        assert re.search(r"location / \{ return 403; \}", text)
-        assert "/v1/control" not in text
+    superlink = services["superlink"]
+    command = superlink["command"]
+    assert command[:2] == ["aggregator", "start"]
+    # only the Fleet API port is published; the Control API stays on the container's loopback
+    assert superlink["ports"] == ["9093:9093"]
+    assert command[command.index("--bind") + 1] == "0.0.0.0"
+    assert "--port" not in command  # the Fleet port comes from the home's --address
 
 
 def _render(template: str, values: dict, release: str = "rel") -> str:
@@ -98,14 +92,18 @@ def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
             for p in sorted((CHART / "templates").glob("*.yaml"))
         ]
     kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"}
+    assert set(kinds) == {"Deployment", "PersistentVolumeClaim", "Service"}
     for doc in docs:
         assert doc["apiVersion"] and doc["metadata"]["name"].startswith("rel-")
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
-    superlink = next(c for c in pod["containers"] if c["name"] == "superlink")
+    (superlink,) = pod["containers"]
     command = superlink["command"]
-    assert command[command.index("--bind") + 1] == "127.0.0.1"  # Control API stays in the pod
-    assert "ports" not in superlink
+    assert command[:2] == ["aggregator", "start"]
+    # 'aggregator start' serves the Fleet API on the pod; the Control API (Fleet port + 1) stays
+    # on the pod's loopback and is neither a container port nor a Service port
+    assert int(command[command.index("--port") + 1]) == values["port"]
+    assert [p["containerPort"] for p in superlink["ports"]] == [values["port"]]
+    assert [p["port"] for p in kinds["Service"]["spec"]["ports"]] == [values["port"]]
     selector = kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     assert selector.items() <= kinds["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     assert kinds["Service"]["spec"]["selector"] == selector
