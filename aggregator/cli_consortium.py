@@ -168,6 +168,57 @@ def renew(
         console.print("restart 'aggregator start' so the SuperLink serves the new certificate")
 
 
+rotate_app = typer.Typer(
+    help="Staged CA rotation: begin (bundles trust old + new CA), switch (SuperLink certificate "
+    "from the new CA), finish (old CA dropped). See docs/operators/consortium.md.",
+    no_args_is_help=True,
+)
+
+
+def _report_step(consortium: ConsortiumHome, step) -> None:  # step: ca_rotation.RotationStep
+    console.print(
+        f"CA rotation: {step.stage}; {step.bundles} member bundle(s) refreshed in "
+        f"{consortium.bundles_dir}"
+    )
+    console.print(f"silos: {step.silos_do}")
+    console.print(f"next: {step.operator_next}")
+
+
+@rotate_app.command("begin")
+def rotate_begin(
+    home: Path = _home_option(),
+    days: int = typer.Option(3650, "--days", help="Validity of the new CA."),
+) -> None:
+    """Stage 1: a new CA; join bundles carry the old and the new CA; the SuperLink is unchanged."""
+    from aggregator import ca_rotation
+
+    consortium = ConsortiumHome.open(home)
+    _report_step(consortium, ca_rotation.begin(consortium, days=days))
+
+
+@rotate_app.command("switch")
+def rotate_switch(
+    home: Path = _home_option(),
+    days: int = typer.Option(397, "--days", help="Validity of the new SuperLink certificate."),
+) -> None:
+    """Stage 2: reissue the SuperLink certificate under the new CA."""
+    from aggregator import ca_rotation
+
+    consortium = ConsortiumHome.open(home)
+    _report_step(consortium, ca_rotation.switch(consortium, days=days))
+    if _superlink_running(consortium):
+        console.print("the SuperLink is running: restart 'aggregator start' now")
+
+
+@rotate_app.command("finish")
+def rotate_finish(home: Path = _home_option()) -> None:
+    """Stage 3: the new CA becomes the CA; bundles carry only it; the old CA is retired."""
+    from aggregator import ca_rotation
+
+    consortium = ConsortiumHome.open(home)
+    _report_step(consortium, ca_rotation.finish(consortium))
+
+
 def _children_by_parent_pid(pid: int) -> list[int]:
     """SuperExec helpers are detached from the SuperLink but carry --parent-pid PID."""
     found = []
@@ -200,7 +251,7 @@ def superlink_command(consortium: ConsortiumHome) -> list[str]:
         "--ssl-keyfile",
         str(consortium.server_key),
         "--ssl-ca-certfile",
-        str(consortium.ca_cert),
+        str(consortium.serving_ca_cert),
         "--host",
         "127.0.0.1",
         "--port",
@@ -228,7 +279,7 @@ def front_command(consortium: ConsortiumHome, bind: str, port: int) -> list[str]
         "--keyfile",
         str(consortium.server_key),
         "--cafile",
-        str(consortium.ca_cert),
+        str(consortium.serving_ca_cert),
     ]
 
 
@@ -400,6 +451,10 @@ def doctor(home: Path = _home_option()) -> None:
         results.append((False, "CA", str(exc)))
     ok, line = check_server_certificate(consortium)
     results.append((ok, "certificate", line))
+    from aggregator.ca_rotation import rotation_status
+
+    ok, line = rotation_status(consortium)
+    results.append((ok, "CA rotation", line))
     loose = [
         str(p)
         for p in (consortium.ca_key, consortium.server_key)
@@ -427,9 +482,11 @@ def doctor(home: Path = _home_option()) -> None:
         )
     )
     if _superlink_running(consortium):
-        reachable, line, skew = probe_tls(local_control_address(consortium), consortium.ca_cert)
+        reachable, line, skew = probe_tls(
+            local_control_address(consortium), consortium.serving_ca_cert
+        )
         results.append((reachable, "superlink", line + " (loopback: Control API)"))
-        front_ok, front_line, _ = probe_tls(consortium.address, consortium.ca_cert)
+        front_ok, front_line, _ = probe_tls(consortium.address, consortium.serving_ca_cert)
         results.append((front_ok, "fleet front", front_line.replace("SuperLink", "Fleet API", 1)))
         if skew is not None:
             results.append((abs(skew) < 5, "clock", f"clock skew vs SuperLink {skew:+.1f} s"))
@@ -477,3 +534,4 @@ def register(app: typer.Typer) -> None:
     app.command("start")(start)
     app.command("doctor")(doctor)
     app.command("renew")(renew)
+    app.add_typer(rotate_app, name="rotate-ca")

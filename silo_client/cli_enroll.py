@@ -83,7 +83,12 @@ def join(
             name + mark, rec.get("secagg_fingerprint", "?"), rec.get("node_auth_fingerprint", "?")
         )
     console.print(table)
-    console.print(f"CA fingerprint: {parsed.ca_fingerprint}")
+    cas = _ca_fingerprints(parsed.ca_pem)
+    if len(cas) > 1:
+        # a staged CA rotation: the SuperLink's certificate may come from either CA
+        console.print(f"CA fingerprints (the consortium is rotating its CA): {', '.join(cas)}")
+    else:
+        console.print(f"CA fingerprint: {parsed.ca_fingerprint}")
     if plan.ca_changed:
         console.print("[yellow]the consortium CA differs from the one installed[/]")
     if not plan.first_join:
@@ -163,6 +168,18 @@ def probe_tls(address: str, ca_file: Path, timeout: float = 5.0) -> tuple[bool, 
     return True, f"SuperLink {address} reachable with TLS", skew
 
 
+def _ca_fingerprints(pem: str) -> list[str]:
+    """Fingerprints of every certificate in a PEM text (two during a CA rotation)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    out = []
+    for cert in x509.load_pem_x509_certificates(pem.encode()):
+        digest = cert.fingerprint(hashes.SHA256()).hex()[:32]
+        out.append(" ".join(digest[i : i + 4] for i in range(0, len(digest), 4)))
+    return out
+
+
 def _cert_days_left(path: Path) -> float:
     import datetime as dt
 
@@ -192,6 +209,15 @@ def doctor(
     if info:
         results.append((True, "joined", f"consortium '{info['consortium']}', {info['superlink']}"))
         left = _cert_days_left(ca_path(silo))
+        if len(_ca_fingerprints(ca_path(silo).read_text())) > 1:
+            results.append(
+                (
+                    True,
+                    "CA rotation",
+                    "this silo trusts the old and the new consortium CA (rotation in progress); "
+                    "run 'silo join' with each bundle the consortium sends until it finishes",
+                )
+            )
         results.append(
             (
                 left >= 30,
