@@ -72,11 +72,48 @@ def _trusts(pem: str, home: ConsortiumHome) -> bool:
     return True
 
 
+def _handshake(pem: str, home: ConsortiumHome, tmp_path: Path) -> bool:
+    """A real OpenSSL TLS handshake (what SuperNodes do) with `pem` as the trust file."""
+    import socket
+    import ssl
+    import threading
+
+    cafile = tmp_path / "trust.pem"
+    cafile.write_text(pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(home.server_cert, home.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+        ):
+            return True
+    except ssl.SSLCertVerificationError:
+        return False
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+
 def _bundle(home: ConsortiumHome, member: str = "hospital-a") -> dict:
     return json.loads((home.bundles_dir / f"{member}.join.json").read_text())
 
 
-def test_the_three_stages(home: ConsortiumHome) -> None:
+def test_the_three_stages(home: ConsortiumHome, tmp_path: Path) -> None:
     from silo_client.enrollment import read_bundle
 
     old_bundle = _bundle(home)["ca_cert"]
@@ -101,6 +138,9 @@ def test_the_three_stages(home: ConsortiumHome) -> None:
     # the SuperLink certificate now chains to the new CA only
     assert _trusts(new_ca, home) and _trusts(_bundle(home)["ca_cert"], home)
     assert not _trusts(old_bundle, home)
+    # and OpenSSL, given the two same-named CAs in one file, finds the right one
+    assert _handshake(_bundle(home)["ca_cert"], home, tmp_path)
+    assert not _handshake(old_bundle, home, tmp_path)
     assert check_server_certificate(home)[0]
     home.renew()  # a renewal mid-rotation stays under the CA that serves now
     assert _trusts(new_ca, home) and not _trusts(old_bundle, home)
