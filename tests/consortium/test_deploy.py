@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -77,20 +78,26 @@ def _render(template: str, values: dict, release: str = "rel") -> str:
     return re.sub(r"\{\{(.*?)\}\}", expr, text)
 
 
-def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["apiVersion"] == "v2" and chart["name"] == "fedsilo-consortium"
+def _chart_objects() -> list[dict]:
+    """The chart rendered: by `helm template` when installed, else by the stand-in above."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     helm = shutil.which("helm")
     if helm:
         out = subprocess.run([helm, "template", "rel", str(CHART)], capture_output=True,
                              text=True, check=True).stdout  # fmt: skip
-        docs = [d for d in yaml.safe_load_all(out) if d]
-    else:  # helm is in neither Debian nor PyPI here: render with the stand-in
-        docs = [
-            yaml.safe_load(_render(p.read_text(), values))
-            for p in sorted((CHART / "templates").glob("*.yaml"))
-        ]
+        return [d for d in yaml.safe_load_all(out) if d]
+    # helm is in neither Debian nor PyPI: render with the stand-in
+    return [
+        yaml.safe_load(_render(p.read_text(), values))
+        for p in sorted((CHART / "templates").glob("*.yaml"))
+    ]
+
+
+def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "fedsilo-consortium"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = _chart_objects()
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {"Deployment", "PersistentVolumeClaim", "Service"}
     for doc in docs:
@@ -107,6 +114,33 @@ def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
     selector = kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     assert selector.items() <= kinds["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     assert kinds["Service"]["spec"]["selector"] == selector
+
+
+K8S_MODELS = Path(__file__).resolve().parents[2] / ".ci/node/node_modules/kubernetes-models"
+
+
+def _validate_k8s(docs: list[dict]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["node", str(Path(__file__).with_name("k8s_validate.cjs")), str(K8S_MODELS)],
+        input=json.dumps(docs), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not shutil.which("node") or not K8S_MODELS.is_dir(),
+    reason="node or the kubernetes-models schemas missing (.ci/run: npm ci --prefix .ci/node)",
+)
+def test_chart_objects_match_the_kubernetes_schemas() -> None:
+    docs = _chart_objects()
+    done = _validate_k8s(docs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == len(docs) == 3
+    # the validator does reject what the API server would
+    broken = json.loads(json.dumps(docs))
+    deployment = next(d for d in broken if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "x"
+    done = _validate_k8s(broken)
+    assert done.returncode == 1 and "INVALID apps/v1 Deployment" in done.stdout
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
