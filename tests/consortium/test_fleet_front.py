@@ -70,6 +70,49 @@ def test_front_forwards_only_fleet_paths() -> None:
     assert not is_forwarded("GET", "/docs")
 
 
+def test_front_answers_without_the_superlink(tmp_path: Path) -> None:
+    """In process (ASGI): 403 for non-fleet paths, 502 in one line when the SuperLink is down."""
+    import asyncio
+
+    import httpx
+
+    from aggregator.fleet_front import FleetOnlyFront
+    from aggregator.pki import make_tls
+    from fedsilo.flower_processes import free_port
+
+    tls = make_tls(tmp_path, "net", ["127.0.0.1"])
+    front = FleetOnlyFront(f"127.0.0.1:{free_port()}", str(tls.ca_cert), timeout=5)
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=front)
+        async with httpx.AsyncClient(transport=transport, base_url="https://front") as client:
+            refused = await client.post("/v1/control/start-run", content=b"x")
+            down = await client.post("/v1/fleet/pull-messages", content=b"x")
+        await front.client.aclose()
+        return refused, down
+
+    refused, down = asyncio.run(ask())
+    assert refused.status_code == 403 and b"only the Fleet API" in refused.content
+    assert down.status_code == 502 and down.text.startswith("SuperLink unreachable")
+
+
+def test_control_port_must_differ_from_the_fleet_port(tmp_path: Path) -> None:
+    from aggregator.consortium import ConsortiumError, init_consortium
+
+    with pytest.raises(ConsortiumError, match="must differ from the Fleet port 9093"):
+        init_consortium(tmp_path / "c", "net", "127.0.0.1:9093", control_port=9093)
+    assert not (tmp_path / "c").exists()  # nothing half-made
+    home = init_consortium(tmp_path / "d", "net", "127.0.0.1:9093", control_port=7000)
+    assert home.loopback_port == 7000
+    done = subprocess.run(
+        [str(BIN / "aggregator"), "start", "--home", str(home.root), "--port", "7000"],
+        capture_output=True, text=True, check=False, timeout=60,
+        env=dict(os.environ, FLWR_TELEMETRY_ENABLED="0"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "is the SuperLink's loopback port" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.e2e
 def test_control_api_is_unreachable_from_the_public_address(tmp_path: Path) -> None:
     from fedsilo.flower_processes import free_port
