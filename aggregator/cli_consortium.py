@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from aggregator.consortium import (
@@ -70,9 +71,14 @@ def init(
     ),
     home: Path = _home_option(),
     days: int = typer.Option(397, "--days", help="Validity of the SuperLink certificate."),
+    control_port: int = typer.Option(
+        None,
+        "--control-port",
+        help="Loopback port of the SuperLink's Control/runtime API (default: Fleet port + 1).",
+    ),
 ) -> None:
     """Create the consortium home: CA, SuperLink certificate, empty roster."""
-    created = init_consortium(home, name, address, days=days)
+    created = init_consortium(home, name, address, days=days, control_port=control_port)
     from aggregator.pki import certificate_info
 
     ca = certificate_info(created.ca_cert)
@@ -162,6 +168,57 @@ def renew(
         console.print("restart 'aggregator start' so the SuperLink serves the new certificate")
 
 
+rotate_app = typer.Typer(
+    help="Staged CA rotation: begin (bundles trust old + new CA), switch (SuperLink certificate "
+    "from the new CA), finish (old CA dropped). See docs/operators/consortium.md.",
+    no_args_is_help=True,
+)
+
+
+def _report_step(consortium: ConsortiumHome, step) -> None:  # step: ca_rotation.RotationStep
+    console.print(
+        f"CA rotation: {step.stage}; {step.bundles} member bundle(s) refreshed in "
+        f"{consortium.bundles_dir}"
+    )
+    console.print(f"silos: {step.silos_do}")
+    console.print(f"next: {step.operator_next}")
+
+
+@rotate_app.command("begin")
+def rotate_begin(
+    home: Path = _home_option(),
+    days: int = typer.Option(3650, "--days", help="Validity of the new CA."),
+) -> None:
+    """Stage 1: a new CA; join bundles carry the old and the new CA; the SuperLink is unchanged."""
+    from aggregator import ca_rotation
+
+    consortium = ConsortiumHome.open(home)
+    _report_step(consortium, ca_rotation.begin(consortium, days=days))
+
+
+@rotate_app.command("switch")
+def rotate_switch(
+    home: Path = _home_option(),
+    days: int = typer.Option(397, "--days", help="Validity of the new SuperLink certificate."),
+) -> None:
+    """Stage 2: reissue the SuperLink certificate under the new CA."""
+    from aggregator import ca_rotation
+
+    consortium = ConsortiumHome.open(home)
+    _report_step(consortium, ca_rotation.switch(consortium, days=days))
+    if _superlink_running(consortium):
+        console.print("the SuperLink is running: restart 'aggregator start' now")
+
+
+@rotate_app.command("finish")
+def rotate_finish(home: Path = _home_option()) -> None:
+    """Stage 3: the new CA becomes the CA; bundles carry only it; the old CA is retired."""
+    from aggregator import ca_rotation
+
+    consortium = ConsortiumHome.open(home)
+    _report_step(consortium, ca_rotation.finish(consortium))
+
+
 def _children_by_parent_pid(pid: int) -> list[int]:
     """SuperExec helpers are detached from the SuperLink but carry --parent-pid PID."""
     found = []
@@ -179,8 +236,13 @@ def _children_by_parent_pid(pid: int) -> list[int]:
     return found
 
 
-def superlink_command(consortium: ConsortiumHome, bind: str, port: int) -> list[str]:
-    """The flower-superlink command line for this home."""
+def superlink_command(consortium: ConsortiumHome) -> list[str]:
+    """The flower-superlink command line for this home: every API on 127.0.0.1 only.
+
+    Flower 1.42 serves Fleet, Control and the ServerApp runtime API on one --host/--port (its
+    --fleet-api-address/--control-api-address are deprecated and ignored), so the SuperLink
+    itself never listens on a public interface; :func:`front_command` publishes the Fleet API.
+    """
     exe = Path(sys.executable).parent / "flower-superlink"
     return [
         str(exe) if exe.exists() else "flower-superlink",
@@ -189,11 +251,11 @@ def superlink_command(consortium: ConsortiumHome, bind: str, port: int) -> list[
         "--ssl-keyfile",
         str(consortium.server_key),
         "--ssl-ca-certfile",
-        str(consortium.ca_cert),
+        str(consortium.serving_ca_cert),
         "--host",
-        bind,
+        "127.0.0.1",
         "--port",
-        str(port),
+        str(consortium.loopback_port),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--database",
@@ -201,18 +263,64 @@ def superlink_command(consortium: ConsortiumHome, bind: str, port: int) -> list[
     ]
 
 
+def front_command(consortium: ConsortiumHome, bind: str, port: int) -> list[str]:
+    """The fleet-only front (aggregator.fleet_front) on bind:port, forwarding to loopback."""
+    host = f"[{bind}]" if ":" in bind else bind
+    return [
+        sys.executable,
+        "-m",
+        "aggregator.fleet_front",
+        "--listen",
+        f"{host}:{port}",
+        "--upstream",
+        local_control_address(consortium),
+        "--certfile",
+        str(consortium.server_cert),
+        "--keyfile",
+        str(consortium.server_key),
+        "--cafile",
+        str(consortium.serving_ca_cert),
+    ]
+
+
+def _wait_listening(
+    popen: subprocess.Popen, what: str, host: str, port: int, log_path: Path, timeout: float
+) -> None:
+    """Return once host:port accepts connections; ConsortiumError if popen dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if popen.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            raise ConsortiumError(
+                f"{what} exited at start (code {popen.returncode}); see {log_path}: "
+                + " | ".join(tail)
+            )
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise ConsortiumError(
+                    f"{what} did not listen on {host}:{port} within {timeout:.0f} s; see {log_path}"
+                ) from None
+            time.sleep(0.2)
+
+
 def start(
     home: Path = _home_option(),
     bind: str = typer.Option(
         None,
         "--bind",
-        help="Interface to listen on (default: the host of --address, or 127.0.0.1 behind a "
-        "fleet-only front; see docs/operators/consortium.md).",
+        help="Interface of the public Fleet API (default: the host of --address; 0.0.0.0 for "
+        "all). The Control API always stays on 127.0.0.1.",
     ),
-    port: int = typer.Option(None, "--port", help="Port (default: the port of --address)."),
+    port: int = typer.Option(
+        None, "--port", help="Port of the public Fleet API (default: the port of --address)."
+    ),
     startup_timeout: float = typer.Option(60.0, "--startup-timeout"),
 ) -> None:
-    """Run flower-superlink (TLS, SuperNode authentication, persistent database); foreground."""
+    """Run flower-superlink (TLS, node auth, persistent database) on loopback and the
+    fleet-only front on the public address; foreground until SIGTERM/SIGINT."""
     consortium = ConsortiumHome.open(home)
     ok, line = check_server_certificate(consortium, warn_days=0)
     if not ok:
@@ -224,45 +332,57 @@ def start(
     host, _, address_port = consortium.address.rpartition(":")
     bind = bind or host.strip("[]")
     port = port or int(address_port)
+    control_port = consortium.loopback_port
+    if port == control_port:
+        raise ConsortiumError(
+            f"the Fleet port {port} is the SuperLink's loopback port; pick another --port or "
+            f"set control_port in {consortium.root / 'consortium.json'}"
+        )
     from aggregator.consortium import now_iso
 
     consortium.logs_dir.mkdir(parents=True, exist_ok=True)
     consortium.flwr_home.mkdir(parents=True, exist_ok=True)
     log_path = consortium.logs_dir / "superlink.log"
+    front_log = consortium.logs_dir / "fleet-front.log"
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(consortium.flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
-    with log_path.open("ab") as handle:
-        handle.write(f"--- aggregator start {now_iso()} ---\n".encode())
-        popen = subprocess.Popen(
-            superlink_command(consortium, bind, port),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=consortium.superlink_dir,
-            start_new_session=True,
-        )
-    consortium.pid_file.write_text(f"{popen.pid}\n")
+    procs: list[subprocess.Popen] = []
+
+    def launch(command: list[str], log: Path) -> subprocess.Popen:
+        with log.open("ab") as handle:
+            handle.write(f"--- aggregator start {now_iso()} ---\n".encode())
+            popen = subprocess.Popen(
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=consortium.superlink_dir,
+                start_new_session=True,
+            )
+        procs.append(popen)
+        return popen
 
     def stop(*_: object) -> None:
-        helpers = _children_by_parent_pid(popen.pid)
-        if popen.poll() is None:
+        for popen in reversed(procs):
+            helpers = _children_by_parent_pid(popen.pid)
+            if popen.poll() is None:
+                try:
+                    os.killpg(popen.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for helper in helpers:
+                try:
+                    os.kill(helper, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             try:
-                os.killpg(popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for helper in helpers:
-            try:
-                os.kill(helper, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        try:
-            popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait(timeout=5)
+                popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=5)
         consortium.pid_file.unlink(missing_ok=True)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -272,40 +392,30 @@ def start(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        probe_host = "127.0.0.1" if bind in ("0.0.0.0", "::", "127.0.0.1") else bind
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if popen.poll() is not None:
-                tail = log_path.read_text(errors="replace").splitlines()[-5:]
-                raise ConsortiumError(
-                    f"flower-superlink exited at start (code {popen.returncode}); see {log_path}: "
-                    + " | ".join(tail)
-                )
-            try:
-                with socket.create_connection((probe_host, port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise ConsortiumError(
-                        f"flower-superlink did not listen on {bind}:{port} within "
-                        f"{startup_timeout:.0f} s; see {log_path}"
-                    ) from None
-                time.sleep(0.2)
-        control = f"{probe_host}:{port}"
-        report = sync_authorised_nodes(consortium, control)
+        superlink = launch(superlink_command(consortium), log_path)
+        consortium.pid_file.write_text(f"{superlink.pid}\n")
+        _wait_listening(
+            superlink, "flower-superlink", "127.0.0.1", control_port, log_path, startup_timeout
+        )
+        front = launch(front_command(consortium, bind, port), front_log)
+        probe_host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+        _wait_listening(front, "the fleet-only front", probe_host, port, front_log, startup_timeout)
+        report = sync_authorised_nodes(consortium)
         console.print(
-            f"SuperLink '{consortium.name}' listening on {bind}:{port} (TLS, node auth on, "
-            f"database {consortium.database}); authorised nodes: "
+            f"SuperLink '{consortium.name}' listening on {bind}:{port} (Fleet API only, TLS, node "
+            f"auth on); Control API on 127.0.0.1:{control_port} only; database "
+            f"{consortium.database}; authorised nodes: "
             f"{', '.join(sorted(report.registered + report.present)) or 'none'}; "
-            f"log {log_path}",
+            f"logs {log_path}, {front_log}",
         )
         sys.stdout.flush()
-        code = popen.wait()
-        consortium.pid_file.unlink(missing_ok=True)
-        raise ConsortiumError(f"flower-superlink exited with code {code}; see {log_path}")
+        while superlink.poll() is None and front.poll() is None:
+            time.sleep(0.5)
+        dead, log = (superlink, log_path) if superlink.poll() is not None else (front, front_log)
+        what = "flower-superlink" if dead is superlink else "the fleet-only front"
+        raise ConsortiumError(f"{what} exited with code {dead.returncode}; see {log}")
     except BaseException:
-        if popen.poll() is None:
-            stop()
+        stop()
         raise
 
 
@@ -341,6 +451,10 @@ def doctor(home: Path = _home_option()) -> None:
         results.append((False, "CA", str(exc)))
     ok, line = check_server_certificate(consortium)
     results.append((ok, "certificate", line))
+    from aggregator.ca_rotation import rotation_status
+
+    ok, line = rotation_status(consortium)
+    results.append((ok, "CA rotation", line))
     loose = [
         str(p)
         for p in (consortium.ca_key, consortium.server_key)
@@ -368,8 +482,12 @@ def doctor(home: Path = _home_option()) -> None:
         )
     )
     if _superlink_running(consortium):
-        reachable, line, skew = probe_tls(local_control_address(consortium), consortium.ca_cert)
-        results.append((reachable, "superlink", line))
+        reachable, line, skew = probe_tls(
+            local_control_address(consortium), consortium.serving_ca_cert
+        )
+        results.append((reachable, "superlink", line + " (loopback: Control API)"))
+        front_ok, front_line, _ = probe_tls(consortium.address, consortium.serving_ca_cert)
+        results.append((front_ok, "fleet front", front_line.replace("SuperLink", "Fleet API", 1)))
         if skew is not None:
             results.append((abs(skew) < 5, "clock", f"clock skew vs SuperLink {skew:+.1f} s"))
         if reachable:
@@ -403,7 +521,7 @@ def doctor(home: Path = _home_option()) -> None:
 def _print_checks(results: list[tuple[bool, str, str]]) -> int:
     for ok, name, line in results:
         mark = "[green]ok  [/]" if ok else "[red]FAIL[/]"
-        console.print(f"{mark} {name:<12} {line}", highlight=False)
+        console.print(f"{mark} {name:<12} {escape(line)}", highlight=False)
     return sum(1 for ok, _, _ in results if not ok)
 
 
@@ -416,3 +534,4 @@ def register(app: typer.Typer) -> None:
     app.command("start")(start)
     app.command("doctor")(doctor)
     app.command("renew")(renew)
+    app.add_typer(rotate_app, name="rotate-ca")

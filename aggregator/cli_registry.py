@@ -77,7 +77,9 @@ def runs(
 def run(
     plan: str = typer.Argument(..., metavar="PLAN", help="Hash (8+ hex digits) of a plan."),
     home: Path = _home_option(),
-    superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="SuperLink (loopback)."),
+    superlink: str = typer.Option(
+        "127.0.0.1:9094", "--superlink", help="Control API on loopback (Fleet port + 1)."
+    ),
     ca: Path = typer.Option(None, "--root-certificates", help="CA of the SuperLink's TLS."),
     run_id: str = typer.Option(None, "--run-id", help="Name of the run (default: random)."),
 ) -> None:

@@ -78,7 +78,9 @@ def ensure_resume_key(app_dir: Path) -> None:
 
 def resume(
     run_dir: Path = typer.Argument(..., help="The out-dir of a run that stopped early."),
-    superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="SuperLink (loopback)."),
+    superlink: str = typer.Option(
+        "127.0.0.1:9094", "--superlink", help="Control API on loopback (Fleet port + 1)."
+    ),
     ca: Path = typer.Option(None, "--root-certificates", help="CA of the SuperLink's TLS."),
 ) -> None:
     """Continue a stopped run (e.g. its ServerApp was killed) after its last checkpoint.

@@ -5,6 +5,8 @@ Layout (``aggregator init``)::
     <home>/consortium.json        name, SuperLink address, creation time
     <home>/pki/ca.pem, ca.key     the consortium CA (key 0600; never re-minted by a re-run)
     <home>/pki/superlink.pem/.key the SuperLink's TLS certificate (SANs for the address)
+    <home>/pki/next/, rotation.json the incoming CA and the stage of a CA rotation in progress
+    <home>/pki/retired/           CAs dropped by 'aggregator rotate-ca finish'
     <home>/members.json           member silos: both public keys, enrollment time, Flower node id
     <home>/roster.json            the secure-aggregation roster (silo name -> Ed25519 key)
     <home>/bundles/NAME.join.json the join bundle written for each member
@@ -27,8 +29,10 @@ importing this module; see docs/operators/consortium.md):
 
 * join bundle ``fedsilo-join-bundle/1``::
 
-    {"format": ..., "consortium": NAME, "superlink": "HOST:PORT", "ca_cert": PEM text,
-     "ca_fingerprint": ..., "roster": <roster JSON object>, "member": NAME,
+    {"format": ..., "consortium": NAME, "superlink": "HOST:PORT", "ca_cert": PEM text (two
+     certificates, old then new, while a CA rotation is in progress), "ca_fingerprint": of the
+     first, "ca_fingerprints": [of each], "ca_rotation": null | "begun" | "switched",
+     "roster": <roster JSON object>, "member": NAME,
      "members": {NAME: {"secagg_fingerprint": ..., "node_auth_fingerprint": ...}},
      "issued": ISO-8601}
 """
@@ -207,6 +211,20 @@ class ConsortiumHome:
     root: Path
     name: str
     address: str
+    control_port: int | None = None
+
+    @property
+    def fleet_port(self) -> int:
+        """The public Fleet API port (the port of the consortium address)."""
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def loopback_port(self) -> int:
+        """The port flower-superlink listens on at 127.0.0.1 (all its APIs, Control included).
+
+        Defaults to the Fleet port + 1; `aggregator init --control-port` sets another.
+        """
+        return self.control_port or self.fleet_port + 1
 
     # ---------------------------------------------------------------- paths
     @property
@@ -233,6 +251,60 @@ class ConsortiumHome:
     def server_key(self) -> Path:
         """The SuperLink's TLS private key (0600)."""
         return self.pki_dir / "superlink.key"
+
+    @property
+    def next_ca_dir(self) -> Path:
+        """Folder of the incoming CA during a staged rotation (pki/next/ca.pem, ca.key)."""
+        return self.pki_dir / "next"
+
+    @property
+    def next_ca_cert(self) -> Path:
+        """The incoming CA certificate of a rotation in progress."""
+        return self.next_ca_dir / "ca.pem"
+
+    @property
+    def next_ca_key(self) -> Path:
+        """The incoming CA private key (0600)."""
+        return self.next_ca_dir / "ca.key"
+
+    @property
+    def rotation_path(self) -> Path:
+        """pki/rotation.json: the stage of a CA rotation in progress (absent: none)."""
+        return self.pki_dir / "rotation.json"
+
+    def rotation(self) -> dict[str, Any] | None:
+        """The CA rotation in progress ({"stage": "begun"|"switched", ...}) or None."""
+        if not self.rotation_path.exists():
+            return None
+        try:
+            data = json.loads(self.rotation_path.read_text())
+            if data["stage"] in ("begun", "switched"):
+                return dict(data)
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ConsortiumError(
+            f"{self.rotation_path} is damaged; restore it from backup (stage 'begun' or "
+            f"'switched', see docs/operators/consortium.md)"
+        )
+
+    @property
+    def serving_ca_cert(self) -> Path:
+        """The CA that signs the SuperLink certificate now (the new one once switched)."""
+        rotation = self.rotation()
+        return self.next_ca_cert if rotation and rotation["stage"] == "switched" else self.ca_cert
+
+    @property
+    def serving_ca_key(self) -> Path:
+        """The key of :attr:`serving_ca_cert`."""
+        rotation = self.rotation()
+        return self.next_ca_key if rotation and rotation["stage"] == "switched" else self.ca_key
+
+    def trust_pem(self) -> str:
+        """The CA certificates silos must trust: the CA, plus the incoming one mid-rotation."""
+        pem = self.ca_cert.read_text()
+        if self.rotation():
+            pem = pem.rstrip("\n") + "\n" + self.next_ca_cert.read_text()
+        return pem
 
     @property
     def members_path(self) -> Path:
@@ -287,7 +359,13 @@ class ConsortiumHome:
             )
         try:
             data = json.loads(config.read_text())
-            return cls(root=root.resolve(), name=str(data["name"]), address=str(data["address"]))
+            control = data.get("control_port")
+            return cls(
+                root=root.resolve(),
+                name=str(data["name"]),
+                address=str(data["address"]),
+                control_port=int(control) if control else None,
+            )
         except (ValueError, KeyError, TypeError):
             raise ConsortiumError(f"{config} is damaged; restore it from backup") from None
 
@@ -375,13 +453,17 @@ class ConsortiumHome:
     def write_bundle(self, member: str) -> Path:
         """Write the join bundle for member (CA cert, roster, SuperLink address)."""
         members = self.members()
-        ca_pem = self.ca_cert.read_text()
+        rotation = self.rotation()
+        cas = [self.ca_cert, self.next_ca_cert] if rotation else [self.ca_cert]
         bundle = {
             "format": BUNDLE_FORMAT,
             "consortium": self.name,
             "superlink": self.address,
-            "ca_cert": ca_pem,
+            # mid-rotation: both PEM certificates, old first; silos trust either
+            "ca_cert": self.trust_pem(),
             "ca_fingerprint": certificate_fingerprint(load_certificate(self.ca_cert)),
+            "ca_fingerprints": [certificate_fingerprint(load_certificate(p)) for p in cas],
+            "ca_rotation": rotation["stage"] if rotation else None,
             "roster": json.loads(self.roster().to_json()),
             "member": member,
             "members": {
@@ -403,17 +485,30 @@ class ConsortiumHome:
 
     # ---------------------------------------------------------------- pki
     def renew(self, days: int = 397) -> Path:
-        """Reissue the SuperLink certificate under the same CA; silos change nothing."""
-        if not self.ca_key.exists():
-            raise ConsortiumError(f"{self.ca_key} is missing; the CA key is needed to renew")
+        """Reissue the SuperLink certificate under the same CA; silos change nothing.
+
+        Mid-rotation "the same CA" is the one serving now (the new one once switched).
+        """
+        ca_cert, ca_key = self.serving_ca_cert, self.serving_ca_key
+        if not ca_key.exists():
+            raise ConsortiumError(f"{ca_key} is missing; the CA key is needed to renew")
         issue_server_certificate(
-            self.pki_dir, self.ca_cert, self.ca_key, superlink_hosts(self.address), days=days
+            self.pki_dir, ca_cert, ca_key, superlink_hosts(self.address), days=days
         )
         return self.server_cert
 
 
-def init_consortium(root: Path | str, name: str, address: str, days: int = 397) -> ConsortiumHome:
-    """Create a consortium home; an existing CA is never replaced (ConsortiumError)."""
+def init_consortium(
+    root: Path | str,
+    name: str,
+    address: str,
+    days: int = 397,
+    control_port: int | None = None,
+) -> ConsortiumHome:
+    """Create a consortium home; an existing CA is never replaced (ConsortiumError).
+
+    ``control_port`` is the loopback port of flower-superlink (default: the Fleet port + 1).
+    """
     from secure_agg.keys import check_name
 
     try:
@@ -428,9 +523,14 @@ def init_consortium(root: Path | str, name: str, address: str, days: int = 397) 
             f"root. Use 'aggregator renew' for the SuperLink certificate, or see the CA rotation "
             f"procedure in docs/operators/consortium.md"
         )
+    home = ConsortiumHome(root=root, name=name, address=address, control_port=control_port)
+    if home.loopback_port == home.fleet_port or not 0 < home.loopback_port < 65536:
+        raise ConsortiumError(
+            f"control port {home.loopback_port} must differ from the Fleet port "
+            f"{home.fleet_port} and be 1-65535; pass another --control-port"
+        )
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o700)
-    home = ConsortiumHome(root=root, name=name, address=address)
     home.pki_dir.mkdir(exist_ok=True)
     os.chmod(home.pki_dir, 0o700)
     try:
@@ -441,7 +541,9 @@ def init_consortium(root: Path | str, name: str, address: str, days: int = 397) 
     for folder in (home.bundles_dir, home.superlink_dir, home.logs_dir, home.flwr_home):
         folder.mkdir(exist_ok=True)
     home._save_members({}, {})
-    config = {"version": 1, "name": name, "address": address, "created": now_iso()}
+    config: dict[str, Any] = {"version": 1, "name": name, "address": address, "created": now_iso()}
+    if control_port:
+        config["control_port"] = control_port
     write_atomic(home.root / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     return home
 
@@ -449,7 +551,7 @@ def init_consortium(root: Path | str, name: str, address: str, days: int = 397) 
 def check_server_certificate(home: ConsortiumHome, warn_days: float = 30.0) -> tuple[bool, str]:
     """(ok, one line) about the SuperLink certificate: signed by our CA, valid, SAN matches."""
     try:
-        verify_issued_by(home.server_cert, home.ca_cert)
+        verify_issued_by(home.server_cert, home.serving_ca_cert)
         info = certificate_info(home.server_cert)
     except PkiError as exc:
         return False, f"{exc}; run 'aggregator renew'"
@@ -477,15 +579,14 @@ def _control_client(home: ConsortiumHome, address: str | None = None):
     return ControlHttpClient.from_server_address(
         server_address=address or local_control_address(home),
         insecure=False,
-        root_certificates=home.ca_cert.read_bytes(),
+        root_certificates=home.serving_ca_cert.read_bytes(),
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
     )
 
 
 def local_control_address(home: ConsortiumHome) -> str:
-    """Where this machine reaches the Control API: loopback, on the SuperLink's port."""
-    port = home.address.rpartition(":")[2]
-    return f"127.0.0.1:{port}"
+    """Where this machine reaches the Control API: flower-superlink's loopback-only port."""
+    return f"127.0.0.1:{home.loopback_port}"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from silo_client.enrollment import (
@@ -30,7 +31,7 @@ from silo_client.enrollment import (
     read_bundle,
     write_enrollment_request,
 )
-from silo_client.errors import SiloConfigError
+from silo_client.errors import SiloConfigError, SiloError
 from silo_client.home import HOME_ENV, SiloHome
 from silo_client.processes import runner_command, stop_process_tree
 
@@ -82,7 +83,12 @@ def join(
             name + mark, rec.get("secagg_fingerprint", "?"), rec.get("node_auth_fingerprint", "?")
         )
     console.print(table)
-    console.print(f"CA fingerprint: {parsed.ca_fingerprint}")
+    cas = _ca_fingerprints(parsed.ca_pem)
+    if len(cas) > 1:
+        # a staged CA rotation: the SuperLink's certificate may come from either CA
+        console.print(f"CA fingerprints (the consortium is rotating its CA): {', '.join(cas)}")
+    else:
+        console.print(f"CA fingerprint: {parsed.ca_fingerprint}")
     if plan.ca_changed:
         console.print("[yellow]the consortium CA differs from the one installed[/]")
     if not plan.first_join:
@@ -162,6 +168,18 @@ def probe_tls(address: str, ca_file: Path, timeout: float = 5.0) -> tuple[bool, 
     return True, f"SuperLink {address} reachable with TLS", skew
 
 
+def _ca_fingerprints(pem: str) -> list[str]:
+    """Fingerprints of every certificate in a PEM text (two during a CA rotation)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    out = []
+    for cert in x509.load_pem_x509_certificates(pem.encode()):
+        digest = cert.fingerprint(hashes.SHA256()).hex()[:32]
+        out.append(" ".join(digest[i : i + 4] for i in range(0, len(digest), 4)))
+    return out
+
+
 def _cert_days_left(path: Path) -> float:
     import datetime as dt
 
@@ -171,9 +189,12 @@ def _cert_days_left(path: Path) -> float:
     return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
 
-def doctor(home: Path = _home_option()) -> None:
+def doctor(
+    home: Path = _home_option(),
+    aet: str = typer.Option("FEDSILO", "--aet", help="Our AE title for the PACS C-ECHO."),
+    called_aet: str = typer.Option("ORTHANC", "--called-aet", help="The PACS's AE title."),
+) -> None:
     """One line per check: joined, CA, keys, roster, SuperLink TLS, clock, disk, GPU, PACS."""
-    import json
     import shutil
 
     from silo_client.identity import key_path, load_roster
@@ -188,6 +209,15 @@ def doctor(home: Path = _home_option()) -> None:
     if info:
         results.append((True, "joined", f"consortium '{info['consortium']}', {info['superlink']}"))
         left = _cert_days_left(ca_path(silo))
+        if len(_ca_fingerprints(ca_path(silo).read_text())) > 1:
+            results.append(
+                (
+                    True,
+                    "CA rotation",
+                    "this silo trusts the old and the new consortium CA (rotation in progress); "
+                    "run 'silo join' with each bundle the consortium sends until it finishes",
+                )
+            )
         results.append(
             (
                 left >= 30,
@@ -244,14 +274,24 @@ def doctor(home: Path = _home_option()) -> None:
     except Exception:  # a broken CUDA install is reported as 'no GPU', not a crash
         gpu = None
     results.append((True, "gpu", f"GPU visible: {gpu}" if gpu else "no GPU (CPU training)"))
-    config = json.loads((silo.root / "silo.json").read_text())
-    pacs = config.get("pacs")
-    results.append((True, "pacs", "no PACS configured" if not pacs else f"PACS {pacs} configured"))
+    from silo_client.pacs_check import check_pacs, pacs_sources
+
+    try:
+        sources = pacs_sources(silo.root)
+    except SiloError as exc:  # a damaged catalogue is reported, the other checks still run
+        sources = []
+        results.append((False, "pacs", str(exc)))
+    if not sources:
+        results.append((True, "pacs", "no dataset pulled from a PACS"))
+    for source in sources:
+        ok, line = check_pacs(source, aet=aet, called_aet=called_aet)
+        results.append((ok, "pacs", line))
     failed = 0
     for ok, name, line in results:
         failed += not ok
         mark = "[green]ok  [/]" if ok else "[red]FAIL[/]"
-        console.print(f"{mark} {name:<12} {line}", highlight=False)
+        # escaped: a check's line may carry brackets that rich would take for markup
+        console.print(f"{mark} {name:<12} {escape(line)}", highlight=False)
     if failed:
         raise SystemExit(1)
 

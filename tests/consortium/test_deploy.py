@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -32,19 +33,13 @@ def test_compose_file_is_consistent() -> None:
                 assert source in compose["volumes"], (name, source)
     for name in silos:
         assert services[name]["command"][:2] == ["silo", "start"]
-        assert "internal" not in services[name]["networks"]  # silos never see the Control API
-    assert "ports" not in services["superlink"]  # only the fleet-only front is published
-    assert services["superlink"]["command"][:2] == ["aggregator", "start"]
-
-
-def test_front_forwards_only_the_fleet_api() -> None:
-    for text in (
-        (DEPLOY / "compose" / "nginx-fleet-only.conf").read_text(),
-        (CHART / "templates" / "configmap.yaml").read_text(),
-    ):
-        assert "location /v1/fleet/" in text
-        assert re.search(r"location / \{ return 403; \}", text)
-        assert "/v1/control" not in text
+    superlink = services["superlink"]
+    command = superlink["command"]
+    assert command[:2] == ["aggregator", "start"]
+    # only the Fleet API port is published; the Control API stays on the container's loopback
+    assert superlink["ports"] == ["9093:9093"]
+    assert command[command.index("--bind") + 1] == "0.0.0.0"
+    assert "--port" not in command  # the Fleet port comes from the home's --address
 
 
 def _render(template: str, values: dict, release: str = "rel") -> str:
@@ -83,32 +78,69 @@ def _render(template: str, values: dict, release: str = "rel") -> str:
     return re.sub(r"\{\{(.*?)\}\}", expr, text)
 
 
-def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["apiVersion"] == "v2" and chart["name"] == "fedsilo-consortium"
+def _chart_objects() -> list[dict]:
+    """The chart rendered: by `helm template` when installed, else by the stand-in above."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     helm = shutil.which("helm")
     if helm:
         out = subprocess.run([helm, "template", "rel", str(CHART)], capture_output=True,
                              text=True, check=True).stdout  # fmt: skip
-        docs = [d for d in yaml.safe_load_all(out) if d]
-    else:  # helm is in neither Debian nor PyPI here: render with the stand-in
-        docs = [
-            yaml.safe_load(_render(p.read_text(), values))
-            for p in sorted((CHART / "templates").glob("*.yaml"))
-        ]
+        return [d for d in yaml.safe_load_all(out) if d]
+    # helm is in neither Debian nor PyPI: render with the stand-in
+    return [
+        yaml.safe_load(_render(p.read_text(), values))
+        for p in sorted((CHART / "templates").glob("*.yaml"))
+    ]
+
+
+def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "fedsilo-consortium"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    docs = _chart_objects()
     kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"}
+    assert set(kinds) == {"Deployment", "PersistentVolumeClaim", "Service"}
     for doc in docs:
         assert doc["apiVersion"] and doc["metadata"]["name"].startswith("rel-")
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
-    superlink = next(c for c in pod["containers"] if c["name"] == "superlink")
+    (superlink,) = pod["containers"]
     command = superlink["command"]
-    assert command[command.index("--bind") + 1] == "127.0.0.1"  # Control API stays in the pod
-    assert "ports" not in superlink
+    assert command[:2] == ["aggregator", "start"]
+    # 'aggregator start' serves the Fleet API on the pod; the Control API (Fleet port + 1) stays
+    # on the pod's loopback and is neither a container port nor a Service port
+    assert int(command[command.index("--port") + 1]) == values["port"]
+    assert [p["containerPort"] for p in superlink["ports"]] == [values["port"]]
+    assert [p["port"] for p in kinds["Service"]["spec"]["ports"]] == [values["port"]]
     selector = kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     assert selector.items() <= kinds["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     assert kinds["Service"]["spec"]["selector"] == selector
+
+
+K8S_MODELS = Path(__file__).resolve().parents[2] / ".ci/node/node_modules/kubernetes-models"
+
+
+def _validate_k8s(docs: list[dict]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["node", str(Path(__file__).with_name("k8s_validate.cjs")), str(K8S_MODELS)],
+        input=json.dumps(docs), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not shutil.which("node") or not K8S_MODELS.is_dir(),
+    reason="node or the kubernetes-models schemas missing (.ci/run: npm ci --prefix .ci/node)",
+)
+def test_chart_objects_match_the_kubernetes_schemas() -> None:
+    docs = _chart_objects()
+    done = _validate_k8s(docs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == len(docs) == 3
+    # the validator does reject what the API server would
+    broken = json.loads(json.dumps(docs))
+    deployment = next(d for d in broken if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "x"
+    done = _validate_k8s(broken)
+    assert done.returncode == 1 and "INVALID apps/v1 Deployment" in done.stdout
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")

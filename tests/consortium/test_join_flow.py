@@ -102,10 +102,11 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("consortium")
     generate_hospitals(root / "data", hospitals=3, images_per_hospital=20, image_size=32)
-    port = free_port()
+    port, control_port = free_port(), free_port()
     chome = root / "consortium-home"
+    # silos reach the fleet-only front on `port`; the Control API is on loopback `control_port`
     cli("aggregator", "init", "--home", str(chome), "--name", "testnet",
-        "--address", f"127.0.0.1:{port}")  # fmt: skip
+        "--address", f"127.0.0.1:{port}", "--control-port", str(control_port))  # fmt: skip
     names = ["hospital-0", "hospital-1", "hospital-2"]
     homes = {}
     for name in names:
@@ -125,7 +126,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
     sup.start("superlink", "aggregator", "start", "--home", str(chome))
     sup.wait_for("superlink", "listening on")
     try:
-        yield {"root": root, "home": chome, "port": port, "homes": homes, "sup": sup}
+        yield {"root": root, "home": chome, "port": port, "control_port": control_port,
+               "homes": homes, "sup": sup}  # fmt: skip
     finally:
         sup.stop_all()
 
@@ -183,7 +185,7 @@ def test_secure_aggregation_run_over_tls_with_node_auth(consortium) -> None:
     pki = consortium["home"] / "pki"
     submitter = FlowerCluster(
         root / "submit", TlsFiles(pki / "ca.pem", pki / "superlink.pem", pki / "superlink.key"),
-        port=consortium["port"],
+        port=consortium["control_port"],
     )  # fmt: skip
     (root / "submit").mkdir(exist_ok=True)
     app_dir = write_flower_app(root / "app", {"plan-path": "", "out-dir": "", "run-id": "",
