@@ -380,10 +380,7 @@ def metrics_from_replies(plan: TrainingPlan, replies: list, split: str) -> dict[
     except ValueError as exc:
         raise RoundFailed(f"a silo's evaluation reply does not fit the plan: {exc}") from None
     prefix = metric_prefix(split)
-    return {
-        wire.NUM_EXAMPLES: sums["examples"],
-        **{f"{prefix}-{k}": v for k, v in metrics_from_sums(plan, sums).items()},
-    }
+    return {f"{prefix}-{k}": v for k, v in metrics_from_sums(plan, sums).items()}
 
 
 def _str_keys(mapping: dict[int, str]) -> dict[str, str]:
