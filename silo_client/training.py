@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -268,13 +269,15 @@ def hd95_mm(predicted: np.ndarray, target: np.ndarray, spacing: np.ndarray) -> f
 
     if not predicted.any() or not target.any():
         return float("nan")
-    value = compute_hausdorff_distance(
-        torch.as_tensor(predicted[None, None]),
-        torch.as_tensor(target[None, None]),
-        include_background=True,  # one channel: the lesion itself
-        percentile=95,
-        spacing=[float(s) for s in spacing],
-    )
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal argument
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(
+            torch.as_tensor(predicted[None, None]),
+            torch.as_tensor(target[None, None]),
+            include_background=True,  # one channel: the lesion itself
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
     return float(value.reshape(-1)[0])
 
 

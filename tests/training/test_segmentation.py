@@ -182,10 +182,6 @@ def test_federated_segmentation_plain_and_secure_agree(
             assert s_round.eval_metrics[key] == pytest.approx(
                 p_round.eval_metrics[key], rel=1e-2, abs=1e-2
             ), key
-    assert (
-        plain.rounds[-1].eval_metrics["eval-dice"]
-        > plain.rounds[0].eval_metrics["eval-dice"] - 0.05
-    )
     for result, label in ((secure, "secure"), (plain, "plain")):
         assert {"test-dice", "test-dice-case", "test-loss"} <= set(result.test_metrics)
         events = read_events(tmp_path / f"run-{label}" / "events.jsonl")
