@@ -96,6 +96,7 @@ class RunResult:
     plan_hash: str
     rounds: list[RoundRecord] = field(default_factory=list)
     final_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
     status: str = "running"
 
 
@@ -139,15 +140,49 @@ class FederatedRun:
                 )
             time.sleep(1.0)
 
-    def _config(self, server_round: int, phase: str) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                wire.PLAN_JSON: canonical_json(self.plan).decode(),
-                wire.PLAN_HASH: self.hash,
-                wire.RUN_ID: self.run_id,
-                wire.ROUND: server_round,
-                wire.PHASE: phase,
-            }
+    def _config(self, server_round: int, phase: str, split: str | None = None) -> ConfigRecord:
+        config = {
+            wire.PLAN_JSON: canonical_json(self.plan).decode(),
+            wire.PLAN_HASH: self.hash,
+            wire.RUN_ID: self.run_id,
+            wire.ROUND: server_round,
+            wire.PHASE: phase,
+        }
+        if split is not None:
+            config[wire.SPLIT] = split
+        return ConfigRecord(config)
+
+    def _evaluate(
+        self, grid: Grid, server_round: int, record: ArrayRecord, split: str
+    ) -> tuple[dict[str, float], StepReport]:
+        """One federated evaluation of ``record`` on the silos' ``split``: metrics from sums."""
+        messages = list(
+            self.strategy.configure_evaluate(
+                server_round, record, self._config(server_round, split, split), grid
+            )
+        )
+        report = StepReport()
+        replies = self.aggregation.evaluate(grid, server_round, messages, report)
+        if not replies:
+            return {}, report
+        if any(_counters(r) for r in replies):
+            return metrics_from_replies(self.plan, replies, split), report
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)  # secure: one sum
+        return dict(metrics or {}), report
+
+    def _test(self, grid: Grid, arrays: dict[str, np.ndarray], result: RunResult) -> None:
+        """The one evaluation on the silos' test splits, with the final model."""
+        server_round = self.plan.federation.rounds
+        record = ArrayRecord({k: _array(v) for k, v in arrays.items()})
+        metrics, report = self._evaluate(grid, server_round, record, "test")
+        result.test_metrics = metrics
+        self.events.write(
+            "test-evaluated",
+            round=server_round,
+            test=metrics,
+            participants=len(report.replied),
+            refused=_str_keys(report.refused),
+            notes=report.notes,
         )
 
     def run(self, grid: Grid) -> RunResult:
@@ -186,6 +221,8 @@ class FederatedRun:
                 "run-failed", reason=str(exc).splitlines()[0] if str(exc) else repr(exc)
             )
             raise
+        if self.plan.training.test_fraction > 0:
+            self._test(grid, arrays, result)
         result.final_arrays = wire.unpack(arrays[wire.MODEL], self.layout)
         result.status = "done"
         save_model(
@@ -271,18 +308,9 @@ class FederatedRun:
         if (last and self.plan.federation.final_evaluation) or (
             every and server_round % every == 0
         ):
-            eval_messages = list(
-                self.strategy.configure_evaluate(
-                    server_round, new_record, self._config(server_round, "validation"), grid
-                )
-            )
+            eval_metrics, _ = self._evaluate(grid, server_round, new_record, "validation")
         else:
-            eval_messages = []
-        eval_report = StepReport()
-        eval_replies = self.aggregation.evaluate(grid, server_round, eval_messages, eval_report)
-        eval_metrics = (
-            self.strategy.aggregate_evaluate(server_round, eval_replies) if eval_replies else None
-        )
+            eval_metrics = {}
 
         timings["evaluate-exchange"] = time.monotonic() - mark
         if set(new_arrays) != {wire.MODEL}:
@@ -330,6 +358,29 @@ class FederatedRun:
         if self.on_round:
             self.on_round(round_record)
         return new_arrays
+
+
+def _counters(reply) -> dict[str, float]:
+    """The evaluation counters a plain reply carries (none in a secure sum's reply)."""
+    metrics = reply.content.get(wire.METRICS, {})
+    return {
+        key[len(wire.COUNTER) :]: float(value)
+        for key, value in metrics.items()
+        if key.startswith(wire.COUNTER)
+    }
+
+
+def metrics_from_replies(plan: TrainingPlan, replies: list, split: str) -> dict[str, float]:
+    """Add the silos' evaluation counters (plain path) and turn the sums into metrics, exactly
+    as secure aggregation does inside the mask (training_plan.metrics)."""
+    from training_plan.metrics import metric_prefix, metrics_from_sums, sum_counters
+
+    try:
+        sums = sum_counters(plan, (_counters(r) for r in replies))
+    except ValueError as exc:
+        raise RoundFailed(f"a silo's evaluation reply does not fit the plan: {exc}") from None
+    prefix = metric_prefix(split)
+    return {f"{prefix}-{k}": v for k, v in metrics_from_sums(plan, sums).items()}
 
 
 def _str_keys(mapping: dict[int, str]) -> dict[str, str]:

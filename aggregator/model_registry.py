@@ -39,8 +39,14 @@ def _write_text(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def model_card(plan: TrainingPlan, run_id: str, rounds: list[dict[str, Any]]) -> str:
-    """Markdown model card: task, data provenance as counts, metrics, privacy settings."""
+def model_card(
+    plan: TrainingPlan,
+    run_id: str,
+    rounds: list[dict[str, Any]],
+    test: dict[str, float] | None = None,
+) -> str:
+    """Markdown model card: task, data provenance as counts, metrics (validation of the last
+    round, and the held-out test splits when the plan has them), privacy settings."""
     sa = plan.secure_aggregation
     participants = [int(r.get("participants", 0)) for r in rounds]
     last = rounds[-1].get("evaluate", {}) if rounds else {}
@@ -72,8 +78,20 @@ def model_card(plan: TrainingPlan, run_id: str, rounds: list[dict[str, Any]]) ->
         "## Metrics (federated validation, last round, summed over silos)\n\n"
         "| metric | value |\n|---|---|\n"
         f"{metrics}\n\n"
+        f"{_test_section(plan, test)}"
         "## Privacy settings\n\n"
         f"{privacy}.\n"
+    )
+
+
+def _test_section(plan: TrainingPlan, test: dict[str, float] | None) -> str:
+    if not test:
+        return ""
+    rows = "\n".join(f"| {k} | {float(v):.4f} |" for k, v in sorted(test.items()))
+    return (
+        f"## Metrics (held-out test splits, {plan.training.test_fraction:.0%} of each silo's "
+        "patients, final model, summed over silos)\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n\n"
     )
 
 
@@ -85,7 +103,9 @@ def export_run(
 
     run_dir = Path(run_dir)
     folder = run_dir / EXPORT
-    rounds = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "round-finished"]
+    events = read_events(run_dir / "events.jsonl")
+    rounds = [e for e in events if e["event"] == "round-finished"]
+    test = next((e.get("test", {}) for e in events if e["event"] == "test-evaluated"), {})
     save_model(folder / "model.safetensors", final_arrays, {"plan_hash": plan_hash(plan)})
     _write_text(folder / "plan.yaml", yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False))
     metrics = {
@@ -101,9 +121,10 @@ def export_run(
             }
             for r in rounds
         ],
+        "test": test,
     }
     _write_text(folder / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    _write_text(folder / "MODEL_CARD.md", model_card(plan, run_id, rounds))
+    _write_text(folder / "MODEL_CARD.md", model_card(plan, run_id, rounds, test))
     return folder
 
 

@@ -98,6 +98,12 @@ def write_report(run_dir: Path) -> Path:
     started = next((e for e in events if e["event"] in ("run-started", "run-resumed")), {})
     status = "finished" if any(e["event"] == "run-finished" for e in events) else "not finished"
     failures = [e for e in events if e["event"] in ("run-failed", "round-failed")]
+    test = next((e.get("test", {}) for e in events if e["event"] == "test-evaluated"), None)
+    test_line = (
+        f"<p>Held-out test splits (final model): {html.escape(_fmt(test))}</p>"
+        if test is not None
+        else ""
+    )
     rows = "".join(
         f"<tr><td>{r['round']}</td><td>{r.get('participants', 0)}</td>"
         f"<td>{html.escape(_fmt(r.get('evaluate', {})))}</td>"
@@ -124,6 +130,7 @@ def write_report(run_dir: Path) -> Path:
         f"{len(rounds)} round(s), {status}.</p>"
         + (f"<ul>{problems}</ul>" if problems else "")
         + images
+        + test_line
         + "<h2>Rounds</h2><table><tr><th>round</th><th>silos</th><th>validation</th>"
         f"<th>bytes in</th><th>seconds</th></tr>{rows}</table></body></html>"
     )

@@ -59,6 +59,7 @@ def content_bytes(content: RecordDict) -> int:
     """Bytes of array data in a reply (what dominates the wire)."""
     return sum(record.count_bytes() for record in content.array_records.values())
 
+
 SECAGG = "secagg"
 """ConfigRecord key of the protocol fields."""
 SECAGG_ARRAYS = "secagg-arrays"
@@ -78,9 +79,16 @@ def message_type(phase: str, stage: str) -> str:
     return f"{phase}.sa_{stage}"
 
 
-def counter_names(phase: str) -> tuple[str, ...]:
-    """Counters summed inside the masked vector in ``phase``."""
-    return TRAIN_COUNTERS if phase == "train" else EVAL_COUNTERS
+def counter_names(phase: str, plan: TrainingPlan | None = None) -> tuple[str, ...]:
+    """Counters summed inside the masked vector in ``phase``: for evaluation, those the plan's
+    task and metrics need (training_plan.metrics; without a plan, the classification basics)."""
+    if phase == "train":
+        return TRAIN_COUNTERS
+    if plan is None:
+        return EVAL_COUNTERS
+    from training_plan.metrics import counter_names as plan_counters
+
+    return plan_counters(plan)
 
 
 def codec_settings(plan: TrainingPlan) -> dict[str, Any]:
@@ -406,8 +414,10 @@ class _Exchange:
         keys = list(global_record.keys())
         arrays = [np.asarray(a) for a in global_record.to_numpy_ndarrays()]
         length = int(sum(a.size for a in arrays)) if self.phase == "train" else 0
+        split = str(first.content[wire.CONFIG].get(wire.SPLIT, "validation"))
 
         self._hello(messages, run_id)
+        plan = self._plan(first) if self.phase == "evaluate" else None
         step = self.step
         try:
             cfg = RoundConfig(
@@ -420,7 +430,7 @@ class _Exchange:
                 frac_bits=step.frac_bits,
                 bits=step.bits,
                 w_max=step.w_max,
-                counter_names=counter_names(self.phase),
+                counter_names=counter_names(self.phase, plan),
                 clip_warn_fraction=step.clip_warn_fraction,
             )
         except SecureAggError as exc:
@@ -461,9 +471,24 @@ class _Exchange:
         carrier = carriers[sorted(carriers)[0]]
         counters = result.counters
         examples = float(counters.get("examples", result.weight_sum))
-        if self.phase == "train":
+        if self.phase == "train" or plan is None:
             return [self._train_reply(carrier, keys, arrays, result, examples)]
-        return [self._eval_reply(carrier, counters, examples, result)]
+        return [self._eval_reply(carrier, counters, examples, result, plan, split)]
+
+    @staticmethod
+    def _plan(message: Message) -> TrainingPlan:
+        """The plan the strategy's evaluate config carries (it decides the counters)."""
+        from training_plan import TrainingPlan
+
+        try:
+            return TrainingPlan.model_validate_json(
+                str(message.content[wire.CONFIG][wire.PLAN_JSON])
+            )
+        except (KeyError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _AbortedError(
+                HELLO, f"the evaluate config carries no valid plan ({first})"
+            ) from None
 
     def _train_reply(
         self,
@@ -503,21 +528,21 @@ class _Exchange:
         counters: Mapping[str, float],
         examples: float,
         result: AggregateResult,
+        plan: TrainingPlan,
+        split: str,
     ) -> Message:
         from flwr.app import MetricRecord
 
-        total = max(examples, 1.0)
-        tp, fp = counters.get("true_pos", 0.0), counters.get("false_pos", 0.0)
-        tn, fn = counters.get("true_neg", 0.0), counters.get("false_neg", 0.0)
-        metrics = MetricRecord(
+        from training_plan.metrics import metric_prefix, metrics_from_sums
+
+        prefix = metric_prefix(split) if split in ("validation", "test") else "eval"
+        metrics = metrics_from_sums(plan, counters)
+        record = MetricRecord(
             {
                 wire.NUM_EXAMPLES: float(examples),
-                "eval-loss": counters.get("loss_sum", 0.0) / total,
-                "eval-accuracy": (tp + tn) / total,
-                "eval-sensitivity": tp / max(tp + fn, 1.0),
-                "eval-specificity": tn / max(tn + fp, 1.0),
+                **{f"{prefix}-{name}": float(value) for name, value in metrics.items()},
                 "secure-contributors": len(result.survivors),
             }
         )
-        carrier.content = RecordDict({wire.METRICS: metrics})
+        carrier.content = RecordDict({wire.METRICS: record})
         return carrier

@@ -165,19 +165,27 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @guarded
 def evaluate(msg: Message, context: Context) -> Message:
-    """Plain evaluation of the global model on the silo's validation split."""
-    from silo_client.local_round import evaluate_round
+    """Plain evaluation of the global model on the silo's validation (or final test) split.
 
-    plan, _ = _plan_and_round(msg, context)
+    The reply carries the plan's evaluation counters (training_plan.metrics) and the example
+    count; the server adds them over silos. This reveals the silo's own counts to the server,
+    which only a plan with secure aggregation off (allowed by this site's policy) can ask for.
+    """
+    from silo_client.local_round import check_split, evaluate_round
+
+    plan, server_round = _plan_and_round(msg, context)
+    split = str(msg.content[wire.CONFIG].get(wire.SPLIT, "validation"))
+    check_split(plan, split, server_round)
+    if plan.secure_aggregation.enabled:
+        raise PlanRefused("the plan requires secure aggregation; refusing to send plain metrics")
     home = SiloHome.from_node_config(context.node_config)
     record = msg.content[wire.ARRAYS]
     global_arrays = dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True))
-    sums = evaluate_round(home, plan, global_arrays)
+    counters = evaluate_round(home, plan, global_arrays, split, server_round)
     metrics = MetricRecord(
         {
-            wire.NUM_EXAMPLES: sums.num_examples,
-            "eval-loss": sums.mean_loss,
-            "eval-accuracy": sums.accuracy,
+            wire.NUM_EXAMPLES: int(counters["examples"]),
+            **{wire.COUNTER + name: float(value) for name, value in counters.items()},
         }
     )
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

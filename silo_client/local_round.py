@@ -6,8 +6,10 @@ them directly too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +24,7 @@ from training_plan.errors import PlanError
 if TYPE_CHECKING:
     import torch
 
-    from silo_client.training import EvalSums, TrainResult
+    from silo_client.training import TrainResult
 
 log = logging.getLogger("fedsilo.silo")
 
@@ -49,16 +51,46 @@ def plan_from_wire(plan_json: str, claimed_hash: str) -> TrainingPlan:
 
 @dataclass
 class LocalData:
-    """The silo's preprocessed training and validation tensors for one plan."""
+    """The silo's preprocessed tensors for one plan, split into train, validation and test.
+
+    For classification the labels are (N,) class indices; for segmentation they are the masks
+    (N,1,D,H,W) and ``*_spacing`` the voxel size of each case in mm (N,3). The test split is
+    empty when the plan holds none out (training.test_fraction = 0).
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     val_images: torch.Tensor
     val_labels: torch.Tensor
+    test_images: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+    train_spacing: np.ndarray | None = None
+    val_spacing: np.ndarray | None = None
+    test_spacing: np.ndarray | None = None
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """(images, labels or masks, spacing) of the 'validation' or 'test' split."""
+        if name == "test":
+            if self.test_images is None or self.test_labels is None:
+                raise DataError("this silo holds out no test split for the plan")
+            return self.test_images, self.test_labels, self.test_spacing
+        return self.val_images, self.val_labels, self.val_spacing
+
+
+TEST_SEED_OFFSET = 104_729
+"""The test split draws with seed + this, so it differs from the validation draw of the same
+seed (and a plan changing only validation_fraction keeps the same test patients)."""
 
 
 def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = None) -> LocalData:
-    """Load (from the preprocessed cache when possible) and split the dataset the plan selects."""
+    """Load (from the preprocessed cache when possible) and split the dataset the plan selects.
+
+    The test split (training.test_fraction of the patients) is drawn first and never depends
+    on validation_fraction; validation is then drawn from the rest. With test_fraction = 0 the
+    split is exactly the one of plans written before the test split existed.
+    """
+    if plan.task == "segmentation":
+        return _load_segmentation_data(home, plan, dataset)
     from silo_client.data.dicom_dataset import Preprocessing, build_dataset
 
     dataset = dataset or plan.dataset
@@ -75,8 +107,85 @@ def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = No
             f"dataset '{dataset}' of silo '{home.name}' has {len(data.labels)} usable image(s); "
             "a round needs at least 2 (see 'silo data show')"
         )
-    train, val = data.split(plan.training.validation_fraction, seed=plan.training.seed)
-    return LocalData(train.images, train.labels, val.images, val.labels)
+    spec = plan.training
+    if spec.test_fraction == 0:
+        train, val = data.split(spec.validation_fraction, seed=spec.seed)
+        return LocalData(train.images, train.labels, val.images, val.labels)
+    rest, test = data.split(spec.test_fraction, seed=spec.seed + TEST_SEED_OFFSET)
+    train, val = rest.split(_rest_fraction(plan), seed=spec.seed)
+    return LocalData(train.images, train.labels, val.images, val.labels, test.images, test.labels)
+
+
+def _rest_fraction(plan: TrainingPlan) -> float:
+    """validation_fraction of the whole dataset, as a fraction of what the test split left."""
+    spec = plan.training
+    return spec.validation_fraction / (1.0 - spec.test_fraction)
+
+
+def group_split(groups: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic split of items into (kept, held out) by group (patient or study): a
+    group's items stay on one side. Holds out round(fraction * groups) groups, at least one
+    (and never all) when fraction > 0 and there are two groups or more."""
+    unique = sorted(set(groups))
+    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    n_held = round(len(unique) * fraction)
+    if fraction > 0 and len(unique) >= 2:
+        n_held = min(max(n_held, 1), len(unique) - 1)
+    held = set(order[:n_held])
+    kept_idx = [i for i, g in enumerate(groups) if g not in held]
+    held_idx = [i for i, g in enumerate(groups) if g in held]
+    return kept_idx, held_idx
+
+
+def _load_segmentation_data(
+    home: SiloHome, plan: TrainingPlan, dataset: str | None = None
+) -> LocalData:
+    """Volumes and masks of a segmentation dataset, split by patient (or case) like 2D data."""
+    from silo_client.data.segmentation_dataset import (
+        VolumePreprocessing,
+        build_segmentation_dataset,
+    )
+
+    dataset = dataset or plan.dataset
+    folder = home.dataset_folder(dataset)
+    window = plan.preprocessing.window
+    preprocessing = VolumePreprocessing(
+        input_size=plan.preprocessing.input_size,
+        window_center=window.center if window else None,
+        window_width=window.width if window else None,
+    )
+    data = build_segmentation_dataset(Path(folder), preprocessing, cache_dir=home.cache_dir)
+    n = len(data)
+    if n < 2:
+        raise DataError(
+            f"dataset '{dataset}' of silo '{home.name}' has {n} usable volume(s) with a mask; "
+            "a round needs at least 2 (see 'silo data show')"
+        )
+    groups = list(getattr(data, "groups", None) or [f"case:{i}" for i in range(n)])
+    spec = plan.training
+    rest = list(range(n))
+    test_idx: list[int] = []
+    if spec.test_fraction > 0:
+        kept, held = group_split(groups, spec.test_fraction, spec.seed + TEST_SEED_OFFSET)
+        rest, test_idx = kept, held
+    kept, held = group_split([groups[i] for i in rest], _rest_fraction(plan), spec.seed)
+    train_idx, val_idx = [rest[i] for i in kept], [rest[i] for i in held]
+
+    def part(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        import torch
+
+        picked = data.subset(indices)
+        return (
+            torch.as_tensor(np.asarray(picked.images, dtype=np.float32)),
+            torch.as_tensor(np.asarray(picked.masks, dtype=np.uint8)),
+            np.asarray(picked.spacing_mm, dtype=np.float64).reshape(-1, 3),
+        )
+
+    train, val = part(train_idx), part(val_idx)
+    test = part(test_idx) if spec.test_fraction > 0 else (None, None, None)
+    return LocalData(
+        train[0], train[1], val[0], val[1], test[0], test[1], train[2], val[2], test[2]
+    )
 
 
 def silo_seed(plan: TrainingPlan, silo_name: str, server_round: int) -> int:
@@ -125,12 +234,12 @@ def train_round(
     The update comes back in the form the global model came in: packed ({"model": vector}) or
     named tensors.
     """
-    from silo_client.training import float_state, limit_threads, train_local
+    from silo_client.training import float_state, limit_threads
 
     limit_threads()
     data = load_local_data(home, plan)
     model = build_global_model(plan, global_arrays)
-    result = train_local(
+    result = local_trainer(plan)(
         model,
         data.train_images,
         data.train_labels,
@@ -153,13 +262,62 @@ def train_round(
     return update, result
 
 
-def evaluate_round(
-    home: SiloHome, plan: TrainingPlan, global_arrays: dict[str, np.ndarray]
-) -> EvalSums:
-    """Evaluate the global model on the silo's validation split, as sums."""
-    from silo_client.training import evaluate_sums, limit_threads
+def local_trainer(plan: TrainingPlan) -> Callable[..., TrainResult]:
+    """The training loop of the plan's task (classification: BCE on one logit, unchanged;
+    segmentation: the plan's Dice loss on one logit per voxel); same arguments for both."""
+    from silo_client import training
 
+    if plan.task == "segmentation":
+        return functools.partial(training.train_segmentation, loss=plan.loss_name)
+    return training.train_local
+
+
+def check_split(plan: TrainingPlan, split: str, server_round: int | None) -> None:
+    """Refuse to evaluate on anything but the validation split, or the test split once after
+    the last round (a test set evaluated each round would be tuned on). ``server_round`` None
+    (a local evaluation, no server) skips the round check."""
+    from training_plan.metrics import SPLITS
+
+    if split not in SPLITS:
+        raise PlanRefused(
+            f"the server asks to evaluate on split '{split}'; a silo evaluates only on "
+            f"{' or '.join(SPLITS)}"
+        )
+    if split == "test":
+        if plan.training.test_fraction == 0:
+            raise PlanRefused(
+                "the server asks for the test split, but the plan holds none out "
+                "(training.test_fraction is 0)"
+            )
+        if server_round is not None and server_round != plan.federation.rounds:
+            raise PlanRefused(
+                f"the test split is evaluated once, after the last round "
+                f"({plan.federation.rounds}); the server asked in round {server_round}"
+            )
+
+
+def evaluate_round(
+    home: SiloHome,
+    plan: TrainingPlan,
+    global_arrays: dict[str, np.ndarray],
+    split: str = "validation",
+    server_round: int | None = None,
+) -> dict[str, float]:
+    """Evaluate the global model on the silo's validation (or test) split: the plan's
+    evaluation counters (training_plan.metrics), to be summed over silos."""
+    from silo_client.training import (
+        classification_counters,
+        limit_threads,
+        segmentation_counters,
+    )
+
+    check_split(plan, split, server_round)
     limit_threads()
     data = load_local_data(home, plan)
+    images, labels, spacing = data.split(split)
     model = build_global_model(plan, global_arrays)
-    return evaluate_sums(model, data.val_images, data.val_labels)
+    if plan.task == "segmentation":
+        return segmentation_counters(
+            model, images, labels, spacing, plan, batch_size=plan.training.batch_size
+        )
+    return classification_counters(model, images, labels, plan)

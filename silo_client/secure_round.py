@@ -239,6 +239,11 @@ def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> 
             f"the server's message lacks '{exc.args[0]}'; is it a fedsilo server?"
         ) from None
     plan = _plan(home, plan_json, claimed, config_run, f"{phase}.sa_hello")
+    split = str(config.get(wire.SPLIT, "validation")) if phase == "evaluate" else "train"
+    if phase == "evaluate":
+        from silo_client.local_round import check_split
+
+        check_split(plan, split, config_round)
     if (config_run, config_round) != (run_id, round_):
         raise MalformedMessage(
             f"the plan's binding (run {config_run!r}, round {config_round}) differs from the "
@@ -250,11 +255,21 @@ def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> 
     if bad:
         raise MalformedMessage(f"global model arrays must be float32 ({bad[0]!r} is not)")
     client = _client(home, plan)
-    ctx = context_hash(keys, arrays, phase=phase, plan_hash=claimed, run_id=run_id, round_=round_)
+    # The split is bound into the context hash the silos compare: all evaluate one split.
+    bound_phase = phase if split in ("train", "validation") else f"{phase}/{split}"
+    ctx = context_hash(
+        keys, arrays, phase=bound_phase, plan_hash=claimed, run_id=run_id, round_=round_
+    )
     files.save_global(
         keys,
         arrays,
-        {"plan_json": plan_json, "plan_hash": claimed, "context_hash": ctx.hex(), "phase": phase},
+        {
+            "plan_json": plan_json,
+            "plan_hash": claimed,
+            "context_hash": ctx.hex(),
+            "phase": phase,
+            "split": split,
+        },
     )
     identity = client.identity.public_bytes
     log.info("secure %s round %d: received the global model (%d arrays)", phase, round_, len(keys))
@@ -286,7 +301,7 @@ def _check_round_config(cfg: RoundConfig, plan: TrainingPlan, phase: str, length
             f"the round announces a vector of {cfg.vector_length} values, the model we received "
             f"has {length}"
         )
-    if tuple(cfg.counter_names) != counter_names(phase):
+    if tuple(cfg.counter_names) != counter_names(phase, plan):
         raise ProtocolAbort(f"unexpected counters {list(cfg.counter_names)} in a {phase} round")
 
 
@@ -363,17 +378,12 @@ def _local_vector(
     else:
         from silo_client.local_round import evaluate_round
 
-        sums = evaluate_round(home, plan, global_arrays)
+        # the plan's evaluation counters (training_plan.metrics): only their sums leave
+        counters = evaluate_round(
+            home, plan, global_arrays, str(context.get("split", "validation")), round_
+        )
         vector = np.zeros(0, np.float32)
-        examples = int(sums.num_examples)
-        counters = {
-            "examples": float(examples),
-            "loss_sum": float(sums.loss_sum),
-            "true_pos": float(sums.true_pos),
-            "false_pos": float(sums.false_pos),
-            "true_neg": float(sums.true_neg),
-            "false_neg": float(sums.false_neg),
-        }
+        examples = int(counters["examples"])
     from silo_client.governance.enforcement import check_min_examples
 
     check_min_examples(home, examples, run_id=files.stem, digest=str(context["plan_hash"]))

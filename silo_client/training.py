@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,6 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training_plan.schema import TrainingSpec
+
+if TYPE_CHECKING:
+    from training_plan.schema import TrainingPlan
 
 
 def limit_threads() -> None:
@@ -183,3 +188,133 @@ def auc(scores: np.ndarray, truth: np.ndarray) -> float:
     if truth.min(initial=0) == truth.max(initial=0):
         return float("nan")
     return float(roc_auc_score(truth, scores))
+
+
+# ------------------------------------------------------------------ evaluation as counters
+def classification_counters(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, plan: TrainingPlan
+) -> dict[str, float]:
+    """The plan's evaluation counters of the model on (images, labels) (training_plan.metrics)."""
+    from training_plan.metrics import classification_counters as counters_from_scores
+
+    scores = predict_scores(model, images)
+    return counters_from_scores(plan, scores, labels.numpy())
+
+
+# ------------------------------------------------------------------ segmentation (3D)
+def segmentation_loss(name: str) -> nn.Module:
+    """The plan's segmentation loss on one logit per voxel: MONAI Dice (or Dice + BCE)."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if name == "dice-ce":
+        return DiceCELoss(sigmoid=True)
+    if name == "dice":
+        return DiceLoss(sigmoid=True)
+    raise ValueError(f"'{name}' is not a segmentation loss (use dice or dice-ce)")
+
+
+def train_segmentation(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    spec: TrainingSpec,
+    seed: int,
+    *,
+    loss: str = "dice",
+    proximal_mu: float = 0.0,
+    global_params: list[torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train a segmentation network in place on volumes (N,1,D,H,W) and 0/1 masks of the same
+    shape, for spec.local_epochs epochs with the plan's Dice loss.
+
+    Same seeding, batching and FedProx term as :func:`train_local` (classification).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(images, masks.float()),
+        batch_size=spec.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=len(masks) > spec.batch_size,
+    )
+    optimizer = make_optimizer(model, spec)
+    loss_fn = segmentation_loss(loss)
+    if proximal_mu > 0 and global_params is None:
+        global_params = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    steps, loss_total = 0, 0.0
+    for _ in range(spec.local_epochs):
+        for batch_images, batch_masks in loader:
+            optimizer.zero_grad(set_to_none=True)
+            value = loss_fn(model(batch_images), batch_masks)
+            fit_loss = value
+            if proximal_mu > 0 and global_params is not None:
+                proximal = sum(
+                    ((p - g) ** 2).sum()
+                    for p, g in zip(model.parameters(), global_params, strict=True)
+                )
+                fit_loss = value + 0.5 * proximal_mu * proximal
+            fit_loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_total += float(value.detach())
+    return TrainResult(num_examples=len(masks), steps=steps, mean_loss=loss_total / max(steps, 1))
+
+
+def hd95_mm(predicted: np.ndarray, target: np.ndarray, spacing: np.ndarray) -> float:
+    """95th-percentile Hausdorff distance in mm between two 3D masks (MONAI's surface distance
+    with the voxel spacing); NaN when either mask is empty (the distance is undefined)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    if not predicted.any() or not target.any():
+        return float("nan")
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal argument
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(
+            torch.as_tensor(predicted[None, None]),
+            torch.as_tensor(target[None, None]),
+            include_background=True,  # one channel: the lesion itself
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
+    return float(value.reshape(-1)[0])
+
+
+@torch.no_grad()
+def segmentation_counters(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    spacing_mm: np.ndarray,
+    plan: TrainingPlan,
+    batch_size: int = 2,
+) -> dict[str, float]:
+    """The plan's evaluation counters (Dice sums, HD95 sums) of the model on volumes and masks;
+    ``spacing_mm`` is (N, 3), the voxel size of each case in the volume's axis order."""
+    from training_plan.metrics import segmentation_counters as counters_from_cases
+
+    model.eval()
+    loss_fn = segmentation_loss(plan.loss_name)
+    want_hd95 = "hd95" in plan.evaluation.metrics
+    losses, inter, pred_sizes, target_sizes, hd = [], [], [], [], []
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size])
+        targets = masks[start : start + batch_size].float()
+        for i in range(len(logits)):
+            losses.append(float(loss_fn(logits[i : i + 1], targets[i : i + 1])))
+            predicted = (torch.sigmoid(logits[i, 0]) >= 0.5).numpy()
+            target = targets[i, 0].numpy() > 0.5
+            inter.append(float((predicted & target).sum()))
+            pred_sizes.append(float(predicted.sum()))
+            target_sizes.append(float(target.sum()))
+            if want_hd95:
+                hd.append(hd95_mm(predicted, target, np.asarray(spacing_mm[start + i])))
+    return counters_from_cases(
+        plan,
+        loss=losses,
+        intersection=inter,
+        predicted=pred_sizes,
+        target=target_sizes,
+        hd95_mm=hd,
+    )

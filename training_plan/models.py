@@ -66,7 +66,40 @@ def _densenet121(in_channels: int, num_outputs: int, **args: Any) -> torch.nn.Mo
     )
 
 
+UNET_CHANNELS = (8, 16, 32, 64)
+UNET_STRIDES = (2, 2, 2)
+BASICUNET_FEATURES = (8, 8, 16, 32, 64, 8)
+"""Small 3D segmentation networks: a silo trains them on CPU in minutes."""
+
+
+def _unet(in_channels: int, num_outputs: int, **args: Any) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=num_outputs,
+        channels=UNET_CHANNELS,
+        strides=UNET_STRIDES,
+        **args,
+    )
+
+
+def _basicunet(in_channels: int, num_outputs: int, **args: Any) -> torch.nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=num_outputs,
+        features=BASICUNET_FEATURES,
+        **args,
+    )
+
+
 MODEL_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {
+    "unet": _unet,
+    "basicunet": _basicunet,
     "resnet10": _resnet(10),
     "resnet18": _resnet(18),
     "resnet34": _resnet(34),
@@ -84,8 +117,24 @@ DOWNSAMPLING: dict[str, int] = {
     "efficientnet-b0": 32,
     "efficientnet-b1": 32,
     "densenet121": 32,
+    "unet": 8,
+    "basicunet": 16,
 }
 """How much each network shrinks its input before its deepest normalisation layer."""
+
+MODEL_TASKS: dict[str, str] = {name: "classification" for name in MODEL_REGISTRY}
+MODEL_TASKS.update(unet="segmentation", basicunet="segmentation")
+"""The task each registered network does: classification nets end in one logit per image,
+segmentation nets (3D) in one logit per voxel."""
+
+_SKIP_CONNECTED = ("unet", "basicunet")
+
+
+def input_multiple(name: str) -> int:
+    """The input side must be a multiple of this: encoder-decoder networks concatenate each
+    upsampled map with the encoder's, which must have the same size (classification nets pool
+    and accept any side)."""
+    return DOWNSAMPLING.get(name, 1) if name in _SKIP_CONNECTED else 1
 
 
 def min_input_size(name: str, norm: str) -> int:

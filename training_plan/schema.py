@@ -17,8 +17,23 @@ every added field is optional, with the default a version 1 plan meant."""
 
 AUGMENTATIONS = ("flip-horizontal", "flip-vertical", "rotate-90", "intensity-jitter")
 """The augmentations a plan may declare (the silo's installed code decides how they run)."""
-EVAL_METRICS = ("loss", "accuracy", "sensitivity", "specificity")
-"""Metrics the silos can report, as secure sums (never per silo)."""
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("loss", "accuracy", "sensitivity", "specificity", "auc", "ece"),
+    "segmentation": ("loss", "dice", "hd95"),
+}
+"""Metrics each task's silos can report, as sums over silos (see training_plan/metrics.py)."""
+EVAL_METRICS = tuple(dict.fromkeys(m for ms in TASK_METRICS.values() for m in ms))
+"""Every metric a plan may name (the task decides which of them fit)."""
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "classification": ["loss", "accuracy"],
+    "segmentation": ["loss", "dice"],
+}
+"""What ``evaluation.metrics`` means when a plan leaves it out."""
+TASK_LOSSES: dict[str, tuple[str, ...]] = {
+    "classification": ("bce",),
+    "segmentation": ("dice", "dice-ce"),
+}
+"""Training losses per task; the first is the task's default (``training.loss: auto``)."""
 
 STRATEGY_ARGS: dict[str, dict[str, tuple[float, float]]] = {
     "fedavg": {},
@@ -65,11 +80,24 @@ class ResearcherSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    """Federated evaluation: which metrics the consortium learns (summed over silos)."""
+    """Federated evaluation: which metrics the consortium learns (from sums over silos).
 
-    metrics: list[Literal["loss", "accuracy", "sensitivity", "specificity"]] = Field(
-        default_factory=lambda: ["loss", "accuracy"], min_length=1
+    ``auc`` is not a sum of per-silo values: silos send per-class histograms of their scores
+    (``auc_bins`` bins) and the consortium learns the pooled score distribution of each class;
+    a site's policy may forbid that (docs/training.md).
+    """
+
+    metrics: list[
+        Literal["loss", "accuracy", "sensitivity", "specificity", "auc", "ece", "dice", "hd95"]
+    ] = Field(
+        default_factory=lambda: ["loss", "accuracy"],
+        min_length=1,
+        description="default: loss, accuracy (classification) or loss, dice (segmentation)",
     )
+    auc_bins: int = Field(
+        100, ge=10, le=1000, description="score histogram bins for auc (error <= 1/2 in-bin pairs)"
+    )
+    ece_bins: int = Field(15, ge=5, le=50, description="confidence bins of the calibration error")
 
     @field_validator("metrics")
     @classmethod
@@ -131,7 +159,30 @@ class TrainingSpec(_Strict):
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(8, ge=1, le=4096)
     validation_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "share of each silo's patients held out for one federated test evaluation after the "
+            "last round (0: no test split, as before this field existed; 0.2 is a good choice)"
+        ),
+    )
+    loss: Literal["auto", "bce", "dice", "dice-ce"] = Field(
+        "auto",
+        description="auto: bce for classification, dice for segmentation; dice-ce adds BCE",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> TrainingSpec:
+        if self.validation_fraction + self.test_fraction > 0.8:
+            raise ValueError(
+                f"training.validation_fraction + training.test_fraction = "
+                f"{self.validation_fraction + self.test_fraction:.2f} leaves under 20% of the "
+                "data to train on; lower them"
+            )
+        return self
 
 
 class FederationSpec(_Strict):
@@ -238,7 +289,10 @@ class TrainingPlan(_Strict):
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="tag of the registered local dataset each silo uses",
     )
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = Field(
+        "classification",
+        description="classification (2D, one logit) or segmentation (3D volumes, one mask)",
+    )
     model: ModelSpec
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     training: TrainingSpec = TrainingSpec()
@@ -246,17 +300,77 @@ class TrainingPlan(_Strict):
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_default_metrics(cls, data: object) -> object:
+        """A plan that names no metrics gets its task's defaults (loss+dice for segmentation)."""
+        if not isinstance(data, dict):
+            return data
+        task = data.get("task", "classification")
+        evaluation = data.get("evaluation")
+        if (
+            isinstance(task, str)
+            and task in DEFAULT_METRICS
+            and (evaluation is None or isinstance(evaluation, dict))
+        ):
+            evaluation = dict(evaluation or {})
+            if "metrics" not in evaluation:
+                evaluation["metrics"] = list(DEFAULT_METRICS[task])
+                data = {**data, "evaluation": evaluation}
+        return data
+
     @model_validator(mode="after")
     def _input_fits_model(self) -> TrainingPlan:
-        from training_plan.models import min_input_size
+        from training_plan.models import MODEL_TASKS, input_multiple, min_input_size
 
-        needed = min_input_size(self.model.name, self.model.norm)
-        if self.preprocessing.input_size < needed:
+        model_task = MODEL_TASKS[self.model.name]
+        if model_task != self.task:
+            fitting = ", ".join(sorted(n for n, t in MODEL_TASKS.items() if t == self.task))
             raise ValueError(
-                f"preprocessing.input_size {self.preprocessing.input_size} is too small for "
+                f"model {self.model.name} is a {model_task} network and this plan's task is "
+                f"{self.task}: use one of {fitting}"
+            )
+        size = self.preprocessing.input_size
+        needed = min_input_size(self.model.name, self.model.norm)
+        if size < needed:
+            raise ValueError(
+                f"preprocessing.input_size {size} is too small for "
                 f"{self.model.name} with {self.model.norm} norm: use at least {needed}"
             )
+        multiple = input_multiple(self.model.name)
+        if size % multiple:
+            raise ValueError(
+                f"preprocessing.input_size {size} must be a multiple of {multiple} for "
+                f"{self.model.name} (its downsampling): use {size - size % multiple or multiple}"
+            )
+        if self.task == "segmentation" and size > 256:
+            raise ValueError(
+                f"preprocessing.input_size {size} is the side of a 3D volume for segmentation: "
+                "at most 256"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _metrics_and_loss_fit_task(self) -> TrainingPlan:
+        allowed = TASK_METRICS[self.task]
+        for metric in self.evaluation.metrics:
+            if metric not in allowed:
+                raise ValueError(
+                    f"evaluation.metrics: '{metric}' is not a {self.task} metric "
+                    f"(a {self.task} plan may ask for {', '.join(allowed)})"
+                )
+        losses = TASK_LOSSES[self.task]
+        if self.training.loss != "auto" and self.training.loss not in losses:
+            raise ValueError(
+                f"training.loss '{self.training.loss}' does not fit a {self.task} plan "
+                f"(use auto or {', '.join(losses)})"
+            )
+        return self
+
+    @property
+    def loss_name(self) -> str:
+        """The training loss: the plan's choice, or the task's default for ``auto``."""
+        return TASK_LOSSES[self.task][0] if self.training.loss == "auto" else self.training.loss
 
     @model_validator(mode="after")
     def _secure_agg_needs_three(self) -> TrainingPlan:

@@ -18,7 +18,13 @@ PLAN_HASH = "plan-hash"
 RUN_ID = "fedsilo-run-id"
 ROUND = "server-round"
 PHASE = "phase"
-"""'validation' each round, 'final' after the last round."""
+"""'train', 'validation' each round, 'test' once after the last round (for logs)."""
+SPLIT = "eval-split"
+"""Which local split an evaluate message asks for: 'validation' (each round) or 'test' (once,
+after the last round). Silos refuse any other value; absent means 'validation'."""
+COUNTER = "sum-"
+"""Prefix of the evaluation counters in a PLAIN evaluate reply (``sum-true_pos``, ...; names in
+training_plan.metrics). Under secure aggregation they ride in the masked vector instead."""
 
 NUM_EXAMPLES = "num-examples"
 """The weight of a reply; Flower's strategies read it under this key."""

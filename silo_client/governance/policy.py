@@ -13,6 +13,7 @@ Example::
     min_local_examples: 20          # refuse to train on fewer examples in a round
     secure_aggregation_required: true
     min_secure_threshold: 3         # Shamir threshold the plan must reach at least
+    allow_score_histograms: true    # plans may ask for AUC (pooled per-class score histograms)
 
 A silo without a policy file uses the defaults above with no allowed researcher: every signed
 plan is refused until IT lists the researchers it trusts (a safe default, not a convenient one).
@@ -69,6 +70,13 @@ class SitePolicy(BaseModel):
     min_local_examples: int = Field(10, ge=0)
     secure_aggregation_required: bool = True
     min_secure_threshold: int = Field(3, ge=3)
+    allow_score_histograms: bool = Field(
+        True,
+        description=(
+            "let plans ask for evaluation metric auc: the consortium then learns the histogram "
+            "of model scores of each class, pooled over silos (docs/training.md)"
+        ),
+    )
 
     def researcher_named(self, public_key: str) -> str | None:
         """The name IT gave a key, or None when the key is not allowed."""
@@ -113,6 +121,11 @@ class SitePolicy(BaseModel):
                 problems.append(
                     "the plan's secure-aggregation threshold is below this site's minimum"
                 )
+        if "auc" in plan.evaluation.metrics and not self.allow_score_histograms:
+            problems.append(
+                "the plan asks for auc, which sends score histograms; this site does not allow "
+                "them (allow_score_histograms: false)"
+            )
         if plan.preprocessing.augmentations:
             problems.append("this silo's installed fedsilo does not run augmentations yet")
         return problems
