@@ -2,18 +2,12 @@
 noise made here), evaluated as Dice/HD95 sums, and federated through the real round loop and
 ClientApp (plain and secure) with the metrics of both paths equal.
 
-The silo's volume loader (``silo_client.data.segmentation_dataset``, branch vol3d) is used when
-installed; until it is, the federated tests load the same spheres through a small in-test module
-with its documented interface (images, masks, spacing_mm, subset, len): what is under test here
-is the split, the training loop, the counters and their aggregation, not the DICOM reader.
+The federated test runs on the synthetic CT hospitals (DICOM series with SEG or NIfTI masks)
+through the silo's real volume loader (``silo_client.data.segmentation_dataset``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,51 +101,16 @@ def test_segmentation_training_is_reproducible_and_takes_fedprox_and_dice_ce() -
 
 
 # ------------------------------------------------------------------ federated, in process
-@dataclass(frozen=True)
-class _VolumePreprocessing:
-    input_size: int
-    window_center: float | None = None
-    window_width: float | None = None
-
-
-@dataclass
-class _Volumes:
-    images: np.ndarray
-    masks: np.ndarray
-    spacing_mm: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, indices: list[int]) -> _Volumes:
-        pick = np.asarray(indices, dtype=np.int64)
-        return _Volumes(self.images[pick], self.masks[pick], self.spacing_mm[pick])
-
-
-def _build_from_npz(folder: Path, preprocessing, cache_dir=None) -> _Volumes:
-    with np.load(Path(folder) / "volumes.npz") as data:
-        assert data["images"].shape[-1] == preprocessing.input_size
-        return _Volumes(data["images"], data["masks"], data["spacing"])
-
-
 @pytest.fixture
-def seg_hospitals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Three hospitals of spheres; the volume loader is vol3d's when installed."""
-    name = "silo_client.data.segmentation_dataset"
-    if importlib.util.find_spec(name) is not None:
-        pytest.skip("vol3d's loader is installed: feed it its synthetic CT series instead")
-    module = types.ModuleType(name)
-    module.VolumePreprocessing = _VolumePreprocessing
-    module.build_segmentation_dataset = _build_from_npz
-    monkeypatch.setitem(sys.modules, name, module)
-    folders = []
-    for i in range(3):
-        folder = tmp_path / f"hospital-{i}"
-        folder.mkdir()
-        images, masks, spacing = spheres(10 + 2 * i, seed=10 + i)
-        np.savez(folder / "volumes.npz", images=images, masks=masks, spacing=spacing)
-        folders.append(folder)
-    return folders
+def seg_hospitals(tmp_path: Path) -> list[Path]:
+    """Three synthetic CT hospitals (real DICOM series, SEG and NIfTI masks), read by the
+    silo's own volume loader."""
+    from silo_client.data.synthetic import generate_segmentation_hospitals
+
+    return generate_segmentation_hospitals(
+        tmp_path / "hospitals", n_hospitals=3, cases_per_hospital=6, size=32, slices=(12, 16),
+        seed=3,
+    )  # fmt: skip
 
 
 def test_federated_segmentation_plain_and_secure_agree(
