@@ -88,7 +88,8 @@ def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[st
         f"Federation    {plan.federation.rounds} round(s), {plan.federation.strategy}, at least "
         f"{plan.federation.min_silos} silos; if a silo refuses: {plan.federation.on_refusal}",
         f"What leaves   {leaves}",
-        f"Evaluation    {', '.join(plan.evaluation.metrics)} (summed over silos)",
+        f"Evaluation    {', '.join(plan.evaluation.metrics)} (summed over silos)"
+        + _metric_disclosure(plan),
         f"Privacy       secure aggregation {'ON' if sa.enabled else 'OFF'}, clip {sa.clip}, "
         f"max weight {sa.max_weight}; no images, labels, paths or identifiers leave the site",
     ]
@@ -97,6 +98,19 @@ def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[st
     else:
         lines.append("Site policy   within this site's policy")
     return "\n".join(lines)
+
+
+def _metric_disclosure(plan: TrainingPlan) -> str:
+    """What the chosen metrics reveal beyond plain counts (AUC and ECE need histograms)."""
+    notes = []
+    if "auc" in plan.evaluation.metrics:
+        notes.append(
+            f"auc: a {plan.evaluation.auc_bins}-bin histogram of the model's scores per class, "
+            "pooled over silos"
+        )
+    if "ece" in plan.evaluation.metrics:
+        notes.append(f"ece: {plan.evaluation.ece_bins} confidence bins, pooled over silos")
+    return ("; reveals " + "; ".join(notes)) if notes else ""
 
 
 @plan_app.command("review")
