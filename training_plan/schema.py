@@ -31,6 +31,7 @@ STRATEGY_ARGS: dict[str, dict[str, tuple[float, float]]] = {
         "tau": (0.0, 1.0),
     },
     "fedprox": {"proximal_mu": (0.0, 1e4)},
+    "scaffold": {"server_learning_rate": (0.0, 100.0)},
     "krum": {"num_malicious_nodes": (0, 10_000)},
     "multikrum": {"num_malicious_nodes": (0, 10_000), "num_nodes_to_select": (1, 10_000)},
     "median": {},
@@ -152,6 +153,7 @@ class FederationSpec(_Strict):
         "fedyogi",
         "fedadagrad",
         "fedprox",
+        "scaffold",
         "krum",
         "multikrum",
         "median",
@@ -255,6 +257,15 @@ class TrainingPlan(_Strict):
             raise ValueError(
                 f"preprocessing.input_size {self.preprocessing.input_size} is too small for "
                 f"{self.model.name} with {self.model.norm} norm: use at least {needed}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _scaffold_needs_sgd(self) -> TrainingPlan:
+        if self.federation.strategy == "scaffold" and self.training.optimizer != "sgd":
+            raise ValueError(
+                f"federation.strategy scaffold needs training.optimizer sgd, not "
+                f"{self.training.optimizer}: its control variates estimate gradients from SGD steps"
             )
         return self
 
