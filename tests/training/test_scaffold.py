@@ -84,6 +84,7 @@ def pooled_train_loss(plan, homes: list[SiloHome], arrays: dict[str, np.ndarray]
 
 
 # ------------------------------------------------------------------------------ convergence
+@pytest.mark.slow
 def test_scaffold_beats_fedavg_under_client_drift(hospitals: list[Path], tmp_path: Path) -> None:
     """Many local steps on label-skewed silos: FedAvg drifts, SCAFFOLD's correction holds."""
     losses = {}
