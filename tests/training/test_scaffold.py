@@ -97,6 +97,10 @@ def test_scaffold_beats_fedavg_under_client_drift(hospitals: list[Path], tmp_pat
         losses[strategy] = pooled_train_loss(plan, homes, result.final_arrays)
     start, _ = initial_model(plan)
     initial = pooled_train_loss(plan, homes, start)
+    print(
+        f"pooled training loss: initial {initial:.3f}, "
+        + ", ".join(f"{k} {v:.3f}" for k, v in losses.items())
+    )
     assert losses["scaffold"] < initial, losses
     assert losses["scaffold"] <= losses["fedavg"], losses
 
@@ -212,6 +216,9 @@ def test_secure_scaffold_round_equals_plain(
     )
     assert model_gap <= bound, (model_gap, bound)
     control_gap = float(np.max(np.abs(strategy.control - plain.strategy.control)))
+    print(
+        f"secure vs plain SCAFFOLD: model {model_gap:.2e}, c {control_gap:.2e}, bound {bound:.2e}"
+    )
     assert control_gap <= bound, (control_gap, bound)
     moved = float(np.max(np.abs(plain.strategy.control - checkpoint.strategy_state["control"])))
     assert moved > 100 * bound, "the round moved the control variate far beyond the bound"
