@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,15 @@ def load_model(path: Path) -> dict[str, np.ndarray]:
 
 
 class EventLog:
-    """Append-only JSON lines of what the run did, read by `fedsilo demo` to show progress."""
+    """Append-only JSON lines of what the run did, read by `fedsilo demo` to show progress.
+
+    ``listeners`` (e.g. aggregator.tracking.RunTracking) get each event as written, after it is
+    on disk.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, event: str, **fields: Any) -> None:
@@ -58,6 +64,8 @@ class EventLog:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        for listener in self.listeners:
+            listener(json.loads(line))
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

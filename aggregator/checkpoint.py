@@ -2,8 +2,9 @@
 
 One checkpoint is one file, ``RUN_DIR/checkpoint.pkl``, replaced atomically after each finished
 round: the global model (as sent on the wire), the Flower strategy's state (FedOpt's m_t, v_t and
-current_arrays, FedAvgM's momentum, ...), the round, the RNG states (python, numpy, torch) and the
-run's round records. A readable ``checkpoint.json`` beside it says which round it holds.
+current_arrays, FedAvgM's momentum, SCAFFOLD's control variate, ...), the round, the RNG states
+(python, numpy, torch) and the run's round records. A readable ``checkpoint.json`` beside it
+says which round it holds.
 
 The pickle is the aggregator's own file on the aggregator's own disk (never received from a
 silo); it is read only by `aggregator resume` on a run directory the operator names.

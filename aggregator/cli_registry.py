@@ -82,8 +82,18 @@ def run(
     ),
     ca: Path = typer.Option(None, "--root-certificates", help="CA of the SuperLink's TLS."),
     run_id: str = typer.Option(None, "--run-id", help="Name of the run (default: random)."),
+    track: list[str] = typer.Option(
+        None,
+        "--track",
+        help="Experiment tracking, KIND:DIR with KIND mlflow or tensorboard (repeatable; "
+        "default: none).",
+    ),
 ) -> None:
     """Start a run of a submitted plan through Flower's Control API on loopback."""
+    from aggregator.tracking import check_available, parse_targets, targets_to_config
+
+    targets = parse_targets(track or [])
+    check_available(targets)
     registry = Registry(home)
     entry = registry.plan(plan)
     require_loopback(superlink, RegistryError)
@@ -95,16 +105,13 @@ def run(
     plan_path = run_dir / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(entry.plan().model_dump(mode="json"), sort_keys=False))
     app_dir = write_flower_app(
-        run_dir / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180}
+        run_dir / "app",
+        {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180, "track": ""},
     )
-    submit_run(
-        app_dir,
-        run_dir,
-        superlink,
-        ca,
-        {"plan-path": str(plan_path), "out-dir": str(run_dir), "run-id": run_id},
-        RegistryError,
-    )
+    config = {"plan-path": str(plan_path), "out-dir": str(run_dir), "run-id": run_id}
+    if targets:
+        config["track"] = targets_to_config(targets)
+    submit_run(app_dir, run_dir, superlink, ca, config, RegistryError)
     registry.start_run(entry.plan_hash, run_id, run_dir)
     console.print(f"run {run_id} of plan {entry.plan_hash[:12]} started; see 'aggregator runs'")
 

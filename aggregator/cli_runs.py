@@ -54,25 +54,33 @@ def resume_run_config(run_dir: Path) -> dict[str, str]:
         raise AggregatorError(
             f"the checkpoint already holds the last round ({checkpoint.round}); nothing to resume"
         )
-    return {
+    config = {
         "plan-path": str(plan_path),
         "out-dir": str(run_dir),
         "run-id": checkpoint.run_id,
         "resume": "yes",
     }
+    # the run keeps tracking where it started tracking (the ServerApp logged its targets)
+    tracked = [e for e in events if e["event"] == "tracking"]
+    if tracked:
+        config["track"] = str(tracked[-1].get("track", ""))
+    return config
 
 
-def ensure_resume_key(app_dir: Path) -> None:
-    """Declare the `resume` run-config key in the run's app (Flower drops undeclared overrides)."""
+def ensure_resume_key(app_dir: Path, keys: tuple[str, ...] = ("resume", "track")) -> None:
+    """Declare the run-config keys resume needs in the run's app (Flower drops undeclared
+    overrides; apps of older runs lack them)."""
     pyproject = app_dir / "pyproject.toml"
     if not pyproject.exists():
         raise AggregatorError(f"{app_dir} has no pyproject.toml; the run's Flower app is missing")
     text = pyproject.read_text(encoding="utf-8")
-    if re.search(r"^resume\s*=", text, flags=re.MULTILINE):
+    missing = [k for k in keys if not re.search(rf"^{k}\s*=", text, flags=re.MULTILINE)]
+    if not missing:
         return
     if "[tool.flwr.app.config]" not in text:
         raise AggregatorError(f"{pyproject} has no [tool.flwr.app.config] table")
-    updated = text.replace("[tool.flwr.app.config]\n", '[tool.flwr.app.config]\nresume = ""\n', 1)
+    declared = "".join(f'{k} = ""\n' for k in missing)
+    updated = text.replace("[tool.flwr.app.config]\n", f"[tool.flwr.app.config]\n{declared}", 1)
     _atomic(pyproject, lambda tmp: Path(tmp).write_text(updated, encoding="utf-8"))
 
 

@@ -7,6 +7,8 @@ Run configuration (``flwr run ... --run-config``):
   node-wait  seconds to wait for the plan's minimum number of silos (default 180)
   stage-timeout  seconds a secure-aggregation key stage waits for silent silos (default 600)
   resume     non-empty: continue the run in out-dir from its last checkpoint (`aggregator resume`)
+  track      experiment tracking targets, 'mlflow:DIR;tensorboard:DIR' (default: none; see
+             aggregator/tracking.py)
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def main(grid: Grid, context: Context) -> None:
 
             checkpoint = load_checkpoint(out_dir)
             run_id = checkpoint.run_id
+        from aggregator.tracking import open_tracking, targets_from_config, targets_to_config
+
+        targets = targets_from_config(str(config.get("track", "") or ""))
+        tracking = open_tracking(targets, plan, run_id, out_dir)
         run = FederatedRun(
             plan,
             out_dir,
@@ -65,6 +71,10 @@ def main(grid: Grid, context: Context) -> None:
             node_wait_seconds=float(config.get("node-wait", 180)),
             resume=checkpoint,
         )
+        if tracking is not None:
+            # recorded so that `aggregator resume` keeps tracking to the same places
+            run.events.write("tracking", track=targets_to_config(targets))
+            run.events.listeners.append(tracking)
         result = run.run(grid)
         log.info("run %s finished: %d rounds", run_id, len(result.rounds))
     except (AggregatorError, PlanError) as exc:

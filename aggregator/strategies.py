@@ -2,9 +2,10 @@
 
 Secure aggregation hands a strategy one reply carrying the unmasked weighted mean model and the
 summed weight, so every strategy that needs only that mean (FedAvg, FedAvgM, FedAdam, FedYogi,
-FedAdagrad, FedProx) works unchanged on it. Robust strategies (Krum, MultiKrum, median, trimmed
-mean, Bulyan) compare silos' individual updates: they are refused under secure aggregation and
-run only with plain aggregation.
+FedAdagrad, FedProx) works unchanged on it. SCAFFOLD (aggregator/scaffold.py) wraps FedAvg and
+sends its control variate beside the model, so it too needs only the means. Robust strategies
+(Krum, MultiKrum, median, trimmed mean, Bulyan) compare silos' individual updates: they are
+refused under secure aggregation and run only with plain aggregation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flwr.serverapp.strategy import (
 )
 
 from aggregator.errors import StrategyRefused
+from aggregator.scaffold import Scaffold
 from training_plan import TrainingPlan, wire
 from training_plan.schema import _INTEGER_ARGS, NEEDS_INDIVIDUAL_UPDATES, STRATEGY_ARGS
 
@@ -37,6 +39,7 @@ STRATEGY_CLASSES: dict[str, type[FedAvg]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "fedprox": FedProx,
+    "scaffold": Scaffold,
     "krum": Krum,
     "multikrum": MultiKrum,
     "median": FedMedian,
@@ -55,8 +58,9 @@ def check_strategy(plan: TrainingPlan, secure: bool | None = None) -> None:
     if secure and fed.strategy in NEEDS_INDIVIDUAL_UPDATES:
         raise StrategyRefused(
             f"strategy '{fed.strategy}' needs each silo's individual update, which secure "
-            "aggregation hides by design; choose fedavg, fedavgm, fedadam, fedyogi, fedadagrad or "
-            "fedprox, or run with secure aggregation off where every silo's policy allows it"
+            "aggregation hides by design; choose fedavg, fedavgm, fedadam, fedyogi, fedadagrad, "
+            "fedprox or scaffold, or run with secure aggregation off where every silo's policy "
+            "allows it"
         )
     unknown = set(fed.strategy_args) - set(STRATEGY_ARGS.get(fed.strategy, {}))
     if unknown:

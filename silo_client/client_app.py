@@ -143,8 +143,9 @@ def train(msg: Message, context: Context) -> Message:
     home = SiloHome.from_node_config(context.node_config)
     global_arrays = msg.content[wire.ARRAYS].to_numpy_ndarrays()
     keys = list(msg.content[wire.ARRAYS].keys())
+    run_id = str(msg.content[wire.CONFIG].get(wire.RUN_ID, context.run_id))
     update, result = train_round(
-        home, plan, dict(zip(keys, global_arrays, strict=True)), server_round
+        home, plan, dict(zip(keys, global_arrays, strict=True)), server_round, run_id=run_id
     )
     from silo_client.governance.enforcement import check_min_examples
 

@@ -227,14 +227,24 @@ def model_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def train_round(
-    home: SiloHome, plan: TrainingPlan, global_arrays: dict[str, np.ndarray], server_round: int
+    home: SiloHome,
+    plan: TrainingPlan,
+    global_arrays: dict[str, np.ndarray],
+    server_round: int,
+    run_id: str = "",
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
     """Train locally from the global weights; return the update d = w_local - w_global.
 
     The update comes back in the form the global model came in: packed ({"model": vector}) or
-    named tensors.
+    named tensors. A SCAFFOLD plan trains in silo_client.scaffold (its control variate is kept
+    per ``run_id``).
     """
     from silo_client.training import float_state, limit_threads
+
+    if plan.federation.strategy == "scaffold":
+        from silo_client.scaffold import scaffold_round
+
+        return scaffold_round(home, plan, global_arrays, server_round, run_id)
 
     limit_threads()
     data = load_local_data(home, plan)

@@ -76,6 +76,7 @@ class RoundFiles:
 
     def __init__(self, home: SiloHome, run_id: str, round_: int, phase: str) -> None:
         self.dir = home.secagg_dir
+        self.run_id = run_id
         self.run_prefix = _safe_run(run_id) + "-"
         self.stem = f"{_safe_run(run_id)}-{int(round_)}-{phase}"
         self.state = self.dir / f"{self.stem}.state"
@@ -365,7 +366,7 @@ def _local_vector(
     if phase == "train":
         from silo_client.local_round import train_round
 
-        update, result = train_round(home, plan, global_arrays, round_)
+        update, result = train_round(home, plan, global_arrays, round_, run_id=files.run_id)
         if set(update) != set(keys):
             raise PlanRefused("the trained model's arrays differ from the global model's")
         vector = (

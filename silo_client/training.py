@@ -62,10 +62,14 @@ def load_float_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     model.load_state_dict(state)
 
 
+SGD_MOMENTUM = 0.9
+"""Momentum of the plan's 'sgd' optimizer (SCAFFOLD's control-variate update depends on it)."""
+
+
 def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
     """The plan's optimizer over the model's parameters."""
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=0.9)
+        return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=SGD_MOMENTUM)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=spec.learning_rate)
     return torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
@@ -89,12 +93,15 @@ def train_local(
     *,
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
+    gradient_correction: list[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train in place for spec.local_epochs epochs with binary cross-entropy on one logit.
 
     With ``proximal_mu`` > 0 (FedProx) the loss gains mu/2 * ||w - w_global||^2 over the
     trainable parameters; ``global_params`` are the global weights in ``model.parameters()``
     order (default: the model's weights when training starts, i.e. the global model).
+    ``gradient_correction`` (SCAFFOLD: c - c_i, in ``model.parameters()`` order) is added to every
+    gradient before each optimizer step.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -123,6 +130,10 @@ def train_local(
                 )
                 fit_loss = loss + 0.5 * proximal_mu * proximal
             fit_loss.backward()
+            if gradient_correction is not None:
+                for p, correction in zip(model.parameters(), gradient_correction, strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(correction)
             optimizer.step()
             steps += 1
             loss_total += float(loss.detach())

@@ -46,6 +46,7 @@ STRATEGY_ARGS: dict[str, dict[str, tuple[float, float]]] = {
         "tau": (0.0, 1.0),
     },
     "fedprox": {"proximal_mu": (0.0, 1e4)},
+    "scaffold": {"server_learning_rate": (0.0, 100.0)},
     "krum": {"num_malicious_nodes": (0, 10_000)},
     "multikrum": {"num_malicious_nodes": (0, 10_000), "num_nodes_to_select": (1, 10_000)},
     "median": {},
@@ -203,6 +204,7 @@ class FederationSpec(_Strict):
         "fedyogi",
         "fedadagrad",
         "fedprox",
+        "scaffold",
         "krum",
         "multikrum",
         "median",
@@ -371,6 +373,15 @@ class TrainingPlan(_Strict):
     def loss_name(self) -> str:
         """The training loss: the plan's choice, or the task's default for ``auto``."""
         return TASK_LOSSES[self.task][0] if self.training.loss == "auto" else self.training.loss
+
+    @model_validator(mode="after")
+    def _scaffold_needs_sgd(self) -> TrainingPlan:
+        if self.federation.strategy == "scaffold" and self.training.optimizer != "sgd":
+            raise ValueError(
+                f"federation.strategy scaffold needs training.optimizer sgd, not "
+                f"{self.training.optimizer}: its control variates estimate gradients from SGD steps"
+            )
+        return self
 
     @model_validator(mode="after")
     def _secure_agg_needs_three(self) -> TrainingPlan:

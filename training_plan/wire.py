@@ -8,6 +8,10 @@ from __future__ import annotations
 
 ARRAYS = "arrays"
 """ArrayRecord: the global model (server -> silo) or the update d = w_local - w_global."""
+SCAFFOLD_CONTROL = "scaffold-control"
+"""SCAFFOLD only: the second array of the ArrayRecord next to MODEL, laid out like it. Server ->
+silo: the global control variate c; silo -> server: the silo's change of its own control variate
+(delta c_i), masked in the same vector as the model update. See silo_client/scaffold.py."""
 CONFIG = "config"
 """ConfigRecord with the run's binding: plan, plan hash, run id, round."""
 METRICS = "metrics"
