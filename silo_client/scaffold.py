@@ -124,8 +124,13 @@ def scaffold_round(
     run_id: str,
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
     """One SCAFFOLD round: train with corrected gradients; return (delta w, delta c_i)."""
-    from silo_client.local_round import build_global_model, load_local_data, silo_seed
-    from silo_client.training import SGD_MOMENTUM, float_state, limit_threads, train_local
+    from silo_client.local_round import (
+        build_global_model,
+        load_local_data,
+        local_trainer,
+        silo_seed,
+    )
+    from silo_client.training import SGD_MOMENTUM, float_state, limit_threads
 
     if set(global_arrays) != {wire.MODEL, wire.SCAFFOLD_CONTROL}:
         raise PlanError(
@@ -144,7 +149,7 @@ def scaffold_round(
     data = load_local_data(home, plan)
     model = build_global_model(plan, {wire.MODEL: weights})
     mine = store.load(server_round, weights.size)
-    result = train_local(
+    result = local_trainer(plan)(
         model,
         data.train_images,
         data.train_labels,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -103,25 +104,52 @@ def train_local(
     ``gradient_correction`` (SCAFFOLD: c - c_i, in ``model.parameters()`` order) is added to every
     gradient before each optimizer step.
     """
+    bce = nn.BCEWithLogitsLoss()
+    return _train_loop(
+        model,
+        images,
+        labels,
+        spec,
+        seed,
+        lambda outputs, targets: bce(outputs.squeeze(1), targets),
+        proximal_mu=proximal_mu,
+        global_params=global_params,
+        gradient_correction=gradient_correction,
+    )
+
+
+def _train_loop(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    spec: TrainingSpec,
+    seed: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    proximal_mu: float,
+    global_params: list[torch.Tensor] | None,
+    gradient_correction: list[torch.Tensor] | None,
+) -> TrainResult:
+    """The one local training loop of every task: seeded shuffling, the plan's optimizer, the
+    FedProx term and the SCAFFOLD gradient correction; only the loss differs per task."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     loader = DataLoader(
-        TensorDataset(images, labels.float()),
+        TensorDataset(inputs, targets.float()),
         batch_size=spec.batch_size,
         shuffle=True,
         generator=generator,
-        drop_last=len(labels) > spec.batch_size,
+        drop_last=len(targets) > spec.batch_size,
     )
     optimizer = make_optimizer(model, spec)
-    loss_fn = nn.BCEWithLogitsLoss()
     if proximal_mu > 0 and global_params is None:
         global_params = [p.detach().clone() for p in model.parameters()]
     model.train()
     steps, loss_total = 0, 0.0
     for _ in range(spec.local_epochs):
-        for batch_images, batch_labels in loader:
+        for batch_inputs, batch_targets in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch_images).squeeze(1), batch_labels)
+            loss = loss_fn(model(batch_inputs), batch_targets)
             fit_loss = loss
             if proximal_mu > 0 and global_params is not None:
                 proximal = sum(
@@ -137,7 +165,7 @@ def train_local(
             optimizer.step()
             steps += 1
             loss_total += float(loss.detach())
-    return TrainResult(num_examples=len(labels), steps=steps, mean_loss=loss_total / max(steps, 1))
+    return TrainResult(num_examples=len(targets), steps=steps, mean_loss=loss_total / max(steps, 1))
 
 
 @dataclass(frozen=True)
@@ -234,43 +262,24 @@ def train_segmentation(
     loss: str = "dice",
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
+    gradient_correction: list[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train a segmentation network in place on volumes (N,1,D,H,W) and 0/1 masks of the same
     shape, for spec.local_epochs epochs with the plan's Dice loss.
 
-    Same seeding, batching and FedProx term as :func:`train_local` (classification).
+    Same loop, seeding, batching, FedProx term and SCAFFOLD correction as :func:`train_local`.
     """
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    loader = DataLoader(
-        TensorDataset(images, masks.float()),
-        batch_size=spec.batch_size,
-        shuffle=True,
-        generator=generator,
-        drop_last=len(masks) > spec.batch_size,
+    return _train_loop(
+        model,
+        images,
+        masks,
+        spec,
+        seed,
+        segmentation_loss(loss),
+        proximal_mu=proximal_mu,
+        global_params=global_params,
+        gradient_correction=gradient_correction,
     )
-    optimizer = make_optimizer(model, spec)
-    loss_fn = segmentation_loss(loss)
-    if proximal_mu > 0 and global_params is None:
-        global_params = [p.detach().clone() for p in model.parameters()]
-    model.train()
-    steps, loss_total = 0, 0.0
-    for _ in range(spec.local_epochs):
-        for batch_images, batch_masks in loader:
-            optimizer.zero_grad(set_to_none=True)
-            value = loss_fn(model(batch_images), batch_masks)
-            fit_loss = value
-            if proximal_mu > 0 and global_params is not None:
-                proximal = sum(
-                    ((p - g) ** 2).sum()
-                    for p, g in zip(model.parameters(), global_params, strict=True)
-                )
-                fit_loss = value + 0.5 * proximal_mu * proximal
-            fit_loss.backward()
-            optimizer.step()
-            steps += 1
-            loss_total += float(value.detach())
-    return TrainResult(num_examples=len(masks), steps=steps, mean_loss=loss_total / max(steps, 1))
 
 
 def hd95_mm(predicted: np.ndarray, target: np.ndarray, spacing: np.ndarray) -> float:

@@ -96,6 +96,14 @@ def test_segmentation_training_is_reproducible_and_takes_fedprox_and_dice_ce() -
         return float(sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True)))
 
     assert moved(trained(proximal_mu=50.0)) < moved(first)
+    # SCAFFOLD's gradient correction goes through the same loop: zero changes nothing, a
+    # constant pull moves every weight
+    zeros = [torch.zeros_like(p) for p in start]
+    assert all(
+        torch.equal(a, b) for a, b in zip(first, trained(gradient_correction=zeros), strict=True)
+    )
+    pulled = trained(gradient_correction=[torch.full_like(p, 0.5) for p in start])
+    assert moved(pulled) > moved(first)
     with pytest.raises(ValueError, match="not a segmentation loss"):
         trained(loss="bce")
 
