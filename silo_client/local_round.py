@@ -277,9 +277,12 @@ def local_trainer(plan: TrainingPlan) -> Callable[..., TrainResult]:
     segmentation: the plan's Dice loss on one logit per voxel); same arguments for both."""
     from silo_client import training
 
+    augmentations = tuple(plan.preprocessing.augmentations)
     if plan.task == "segmentation":
-        return functools.partial(training.train_segmentation, loss=plan.loss_name)
-    return training.train_local
+        return functools.partial(
+            training.train_segmentation, loss=plan.loss_name, augmentations=augmentations
+        )
+    return functools.partial(training.train_local, augmentations=augmentations)
 
 
 def check_split(plan: TrainingPlan, split: str, server_round: int | None) -> None:

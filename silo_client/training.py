@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from silo_client.augment import Augmenter
 from training_plan.schema import TrainingSpec
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def train_local(
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
     gradient_correction: list[torch.Tensor] | None = None,
+    augmentations: Sequence[str] = (),
 ) -> TrainResult:
     """Train in place for spec.local_epochs epochs with binary cross-entropy on one logit.
 
@@ -102,7 +104,7 @@ def train_local(
     trainable parameters; ``global_params`` are the global weights in ``model.parameters()``
     order (default: the model's weights when training starts, i.e. the global model).
     ``gradient_correction`` (SCAFFOLD: c - c_i, in ``model.parameters()`` order) is added to every
-    gradient before each optimizer step.
+    gradient before each optimizer step. ``augmentations`` are the plan's (silo_client.augment).
     """
     bce = nn.BCEWithLogitsLoss()
     return _train_loop(
@@ -115,6 +117,8 @@ def train_local(
         proximal_mu=proximal_mu,
         global_params=global_params,
         gradient_correction=gradient_correction,
+        augment=Augmenter(augmentations, seed),
+        spatial_targets=False,
     )
 
 
@@ -129,6 +133,8 @@ def _train_loop(
     proximal_mu: float,
     global_params: list[torch.Tensor] | None,
     gradient_correction: list[torch.Tensor] | None,
+    augment: Augmenter,
+    spatial_targets: bool,
 ) -> TrainResult:
     """The one local training loop of every task: seeded shuffling, the plan's optimizer, the
     FedProx term and the SCAFFOLD gradient correction; only the loss differs per task."""
@@ -148,6 +154,8 @@ def _train_loop(
     steps, loss_total = 0, 0.0
     for _ in range(spec.local_epochs):
         for batch_inputs, batch_targets in loader:
+            if augment:
+                batch_inputs, batch_targets = augment(batch_inputs, batch_targets, spatial_targets)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(batch_inputs), batch_targets)
             fit_loss = loss
@@ -263,6 +271,7 @@ def train_segmentation(
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
     gradient_correction: list[torch.Tensor] | None = None,
+    augmentations: Sequence[str] = (),
 ) -> TrainResult:
     """Train a segmentation network in place on volumes (N,1,D,H,W) and 0/1 masks of the same
     shape, for spec.local_epochs epochs with the plan's Dice loss.
@@ -279,6 +288,8 @@ def train_segmentation(
         proximal_mu=proximal_mu,
         global_params=global_params,
         gradient_correction=gradient_correction,
+        augment=Augmenter(augmentations, seed),
+        spatial_targets=True,
     )
 
 

@@ -149,7 +149,10 @@ class PreprocessingSpec(_Strict):
     )
     augmentations: list[
         Literal["flip-horizontal", "flip-vertical", "rotate-90", "intensity-jitter"]
-    ] = Field(default_factory=list, description="declared only; silos refuse what they don't run")
+    ] = Field(
+        default_factory=list,
+        description="training-time augmentations, run by each silo's installed code",
+    )
 
 
 class TrainingSpec(_Strict):

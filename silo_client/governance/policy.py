@@ -126,8 +126,6 @@ class SitePolicy(BaseModel):
                 "the plan asks for auc, which sends score histograms; this site does not allow "
                 "them (allow_score_histograms: false)"
             )
-        if plan.preprocessing.augmentations:
-            problems.append("this silo's installed fedsilo does not run augmentations yet")
         return problems
 
 
