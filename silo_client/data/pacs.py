@@ -6,6 +6,9 @@ by series, and writes each instance atomically (temporary file, then rename) as
 ``<managed folder>/dicom/<digest of SOPInstanceUID>.dcm`` (no identifier in file names). The
 ingest then catalogues those files like any folder.
 
+Every listed instance is accounted for: what did not arrive is asked for once more, one by
+one, and what is still missing is a DataError, never a silently short dataset.
+
 Errors are one line with what, where and how to fix: wrong credentials, an unreachable PACS,
 a rejected association, a query that matches nothing. Credentials are never stored or printed.
 """
@@ -305,6 +308,8 @@ def _wado_fetch(
         got: set[str] = set()
         with session.get(url, headers={"Accept": accept}, stream=True,
                          timeout=_TIMEOUT_S) as response:  # fmt: skip
+            if response.status_code == 404:  # the QIDO-RS on this root answered: not a bad URL
+                return got  # gone from the PACS since it was listed: counted as not delivered
             response.raise_for_status()
             for part in _multipart_parts(response):
                 # an instance URL answers that one instance; a series answer is read for its UIDs

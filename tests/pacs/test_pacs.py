@@ -187,3 +187,38 @@ def test_dimse_failed_sub_operations_are_a_loud_error(big_pacs: tuple[Orthanc, i
                  "--called-aet", AET, "--query", "Modality=XC")  # fmt: skip
     assert "did not deliver 1 of the 1 instance(s) it listed" in err
     assert "run 'silo data add' again" in err
+
+
+def test_dicomweb_instance_gone_before_retrieval_is_a_loud_error(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An instance deleted on the PACS between QIDO-RS and WADO-RS: the series answer lacks it,
+    the one-by-one retry gets 404, and the pull says how many did not arrive."""
+    import requests
+
+    from silo_client.data import pacs as pacs_module
+    from silo_client.data.synthetic import generate_hospitals
+    from tests.pacs.conftest import orthanc_missing, running_orthanc
+
+    if orthanc_missing():
+        pytest.skip("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
+    generate_hospitals(tmp_path / "data", hospitals=1, images_per_hospital=4, seed=2,
+                       image_size=16)  # fmt: skip
+    (tmp_path / "orthanc").mkdir()
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        pacs.upload(sorted((tmp_path / "data" / "hospital-0" / "dicom").iterdir()))
+        fetch = pacs_module._wado_fetch
+
+        def delete_one_then_fetch(*args, **kwargs):  # the PACS loses one instance meanwhile
+            with requests.Session() as s:
+                s.auth, s.trust_env = (USER, PASSWORD), False
+                victim = s.get(f"{pacs.url}/instances", timeout=10).json()[0]
+                s.delete(f"{pacs.url}/instances/{victim}", timeout=10).raise_for_status()
+            monkeypatch.setattr(pacs_module, "_wado_fetch", fetch)
+            return fetch(*args, **kwargs)
+
+        monkeypatch.setattr(pacs_module, "_wado_fetch", delete_one_then_fetch)
+        home = init_silo_home(tmp_path / "home", "site-a")
+        err = _error(capsys, monkeypatch, home, *_web(pacs))
+    assert "listed 4 new instance(s) but delivered only 3 (asked twice)" in err
+    assert "run 'silo data add' again" in err
