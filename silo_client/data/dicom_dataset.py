@@ -17,7 +17,6 @@ one-line message. Preprocessed tensors are cached (see :mod:`silo_client.data.ca
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ from pydicom.uid import (
 
 from silo_client.data import cache as _cache
 from silo_client.data.dicom_read import _looks_like_dicom, _read_dicom  # noqa: F401
+from silo_client.data.labels_csv import LabelFileWording, read_label_csv
 from silo_client.errors import DataError
 
 __all__ = [
@@ -355,67 +355,21 @@ def scan_dicom_folder(folder: Path) -> ScanResult:
 # Labels
 
 
+_LABEL_WORDING = LabelFileWording(
+    create="create it with a header 'StudyInstanceUID,label' and one row per study",
+    fix_header="the header must be 'StudyInstanceUID,label'",
+    label_form="(use 0 = no lesion, 1 = lesion)",
+    row_unit="study",
+    name_duplicates=True,
+)
+
+
 def _read_labels(csv_path: Path) -> dict[str, tuple[int, int]]:
     """StudyInstanceUID -> (label, line number)."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(
-            f"labels file {csv_path} does not exist; create it with a header "
-            "'StudyInstanceUID,label' and one row per study"
-        )
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"labels file {csv_path} is not UTF-8 text; save it as UTF-8 CSV") from None
-    except OSError as exc:
-        raise DataError(
-            f"labels file {csv_path} cannot be read ({exc.strerror}); check permissions"
-        ) from None
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(
-            f"labels file {csv_path} is empty; its first line must be 'StudyInstanceUID,label'"
-        )
-    reader = csv.reader(lines)
-    header = [h.strip() for h in next(reader)]
-    missing = [c for c in _LABEL_COLUMNS if c not in header]
-    if missing:
-        raise DataError(
-            f"labels file {csv_path} line 1: missing column(s) {', '.join(missing)} "
-            f"(found: {', '.join(header) or 'none'}); the header must be 'StudyInstanceUID,label'"
-        )
-    i_uid, i_label = header.index("StudyInstanceUID"), header.index("label")
-    out: dict[str, tuple[int, int]] = {}
-    for lineno, row in enumerate(reader, start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) <= max(i_uid, i_label):
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: expected {len(header)} columns, "
-                f"got {len(row)}; each row needs a StudyInstanceUID and a label"
-            )
-        uid, raw = row[i_uid].strip(), row[i_label].strip()
-        if not uid:
-            raise DataError(f"labels file {csv_path} line {lineno}: empty StudyInstanceUID")
-        try:
-            label = int(raw)
-        except ValueError:
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: label {raw!r} is not an integer "
-                "(use 0 = no lesion, 1 = lesion)"
-            ) from None
-        if label < 0:
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: label {label} is negative; "
-                "labels are class indices 0, 1, ..."
-            )
-        if uid in out:
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: StudyInstanceUID {uid} is already "
-                f"labelled on line {out[uid][1]}; keep one row per study"
-            )
-        out[uid] = (label, lineno)
-    return out
+    return read_label_csv(
+        csv_path, key_column=_LABEL_COLUMNS[0], label_column=_LABEL_COLUMNS[1],
+        key=str.strip, wording=_LABEL_WORDING,
+    )  # fmt: skip
 
 
 def load_labels(csv_path: Path) -> dict[str, int]:

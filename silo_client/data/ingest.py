@@ -13,7 +13,6 @@ training loader (:func:`silo_client.data.dicom_dataset.build_dataset`) find it.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ from silo_client.data.catalogue import (
     reason_category,
 )
 from silo_client.data.dicom_read import read_dicom
+from silo_client.data.labels_csv import LabelFileWording, read_label_csv
 from silo_client.errors import DataError
 
 __all__ = [
@@ -94,9 +94,9 @@ def _num(ds: DicomDataset, keyword: str, index: int = 0) -> float | None:
     if value is None or value == "":
         return None
     try:
-        if isinstance(value, (list, tuple)) or (hasattr(value, "__getitem__") and not isinstance(
-            value, str
-        )):
+        if isinstance(value, (list, tuple)) or (
+            hasattr(value, "__getitem__") and not isinstance(value, str)
+        ):
             value = value[index]
         out = float(value)
     except (TypeError, ValueError, IndexError):
@@ -264,67 +264,18 @@ def read_label_table(
     empty key, non-integer or negative label, a key labelled twice.
     """
     if key_tag not in KEY_TAGS:
-        raise DataError(
-            f"--key {key_tag} is not supported; use one of {', '.join(KEY_TAGS)}"
-        )
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError(
-            f"labels file {csv_path} does not exist; pass a CSV with columns "
-            f"'{key_tag},{label_column}'"
-        )
-    try:
-        lines = csv_path.read_text(encoding="utf-8-sig").splitlines()
-    except (UnicodeDecodeError, OSError) as exc:
-        raise DataError(
-            f"labels file {csv_path} cannot be read as UTF-8 text ({_one_line(exc)}); "
-            "save it as a UTF-8 CSV"
-        ) from None
-    if not lines or not lines[0].strip():
-        raise DataError(
-            f"labels file {csv_path} is empty; its first line must be '{key_tag},{label_column}'"
-        )
-    reader = csv.reader(lines)
-    header = [h.strip() for h in next(reader)]
-    missing = [c for c in (key_tag, label_column) if c not in header]
-    if missing:
-        raise DataError(
-            f"labels file {csv_path} line 1: missing column(s) {', '.join(missing)} "
-            f"(found: {', '.join(header) or 'none'}); pass --key/--label-column to name them"
-        )
-    i_key, i_label = header.index(key_tag), header.index(label_column)
-    out: dict[str, tuple[int, int]] = {}
-    for lineno, row in enumerate(reader, start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) <= max(i_key, i_label):
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: expected {len(header)} columns, "
-                f"got {len(row)}; each row needs a {key_tag} and a {label_column}"
-            )
-        value, raw = row[i_key].strip(), row[i_label].strip()
-        if not value:
-            raise DataError(f"labels file {csv_path} line {lineno}: empty {key_tag}")
-        try:
-            label = int(raw)
-        except ValueError:
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: {label_column} {raw!r} is not an integer "
-                "class index (use 0, 1, ...)"
-            ) from None
-        if label < 0:
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: label {label} is negative; "
-                "labels are class indices 0, 1, ..."
-            )
-        key = label_key(key_tag, value)
-        if key in out:
-            raise DataError(
-                f"labels file {csv_path} line {lineno}: this {key_tag} is already labelled on "
-                f"line {out[key][1]}; keep one row per key"
-            )
-        out[key] = (label, lineno)
-    return out
+        raise DataError(f"--key {key_tag} is not supported; use one of {', '.join(KEY_TAGS)}")
+    wording = LabelFileWording(
+        create=f"pass a CSV with columns '{key_tag},{label_column}'",
+        fix_header="pass --key/--label-column to name them",
+        label_form="class index (use 0, 1, ...)",
+        row_unit="key",
+        name_duplicates=False,  # a PatientID or accession number is not echoed
+    )
+    return read_label_csv(
+        csv_path, key_column=key_tag, label_column=label_column,
+        key=lambda value: label_key(key_tag, value), wording=wording,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ ingest

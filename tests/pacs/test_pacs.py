@@ -3,8 +3,11 @@ wrong password, unreachable PACS and an empty query give one clear line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,123 @@ def test_dimse_errors(orthanc: Orthanc, pacs_hospital: Path, home: SiloHome, cap
     err = _error(capsys, monkeypatch, home, "--dimse", orthanc.dimse, "--aet", OUR_AET,
                  "--called-aet", AET, "--query", "PatientID=NOBODY")  # fmt: skip
     assert "matched no series" in err
+
+
+# ------------------------------------------------------------------ every instance accounted for
+
+
+@pytest.fixture(scope="module")
+def big_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, int]]:
+    """Its own Orthanc: 200 one-instance CT series (as CR/DX often come), plus one series of an
+    image SOP class the silo does not negotiate for C-GET (VL photographic, modality XC)."""
+    from pydicom.uid import VLPhotographicImageStorage
+
+    from silo_client.data.synthetic import generate_hospitals
+    from tests.data.dicom_factory import image_dataset, save, textured
+    from tests.pacs.conftest import orthanc_missing, running_orthanc
+
+    if orthanc_missing():
+        pytest.skip("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
+    root = tmp_path_factory.mktemp("big-pacs")
+    generate_hospitals(root, hospitals=1, images_per_hospital=200, seed=5, image_size=16)
+    files = sorted((root / "hospital-0" / "dicom").iterdir())
+    odd = image_dataset(textured(16), sop_class=VLPhotographicImageStorage, Modality="XC")
+    files.append(save(odd, root / "odd.dcm"))
+    (root / "orthanc").mkdir()
+    with running_orthanc(root / "orthanc") as pacs:
+        pacs.upload(files)
+        yield pacs, len(files) - 1
+
+
+@contextlib.contextmanager
+def _busy_thread() -> Iterator[None]:
+    """A Python thread spinning in this process: GIL contention, as on a loaded silo, which
+    is what made pynetdicom's reactor drop the first answer of a request now and then."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    # short GIL switch interval: more thread switches (more chances for the race), and
+    # the pull's own threads wait less for the GIL, which keeps the test short
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sys.setswitchinterval(interval)
+
+
+def test_dimse_pull_accounts_for_every_instance(big_pacs: tuple[Orthanc, int],
+                                                tmp_path: Path) -> None:  # fmt: skip
+    """Three fresh C-GET pulls of 200 one-instance series under GIL contention: each one
+    stores all 200 (before the fix, a dropped C-FIND answer left 1-4 out, silently)."""
+    pacs, n = big_pacs
+    dimse = ["--dimse", pacs.dimse, "--aet", OUR_AET, "--called-aet", AET]
+    with _busy_thread():
+        for attempt in range(3):
+            home = init_silo_home(tmp_path / f"home-{attempt}", "site-a")
+            out = _add(home, "all", *dimse, "--query", "Modality=CT")
+            assert (out["pulled"], out["catalogue"]["ok"], out["files"]) == (n, n, n)
+
+
+def test_dicomweb_pull_accounts_for_every_instance(big_pacs: tuple[Orthanc, int],
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    pacs, n = big_pacs
+    home = init_silo_home(tmp_path / "home", "site-a")
+    web = ["--dicomweb", pacs.dicomweb, "--user", USER, "--password", PASSWORD]
+    out = _add(home, "all", *web, "--query", "Modality=CT")
+    assert (out["pulled"], out["catalogue"]["ok"], out["files"]) == (n, n, n)
+
+
+def test_dimse_failed_sub_operations_are_a_loud_error(big_pacs: tuple[Orthanc, int],
+                                                      tmp_path: Path, capsys,
+                                                      monkeypatch) -> None:  # fmt: skip
+    """The PACS cannot C-STORE an instance back (no presentation context for its SOP class):
+    the C-GET's failed count is seen, the instance is asked for again, then a clear error."""
+    pacs, _ = big_pacs
+    home = init_silo_home(tmp_path / "home", "site-a")
+    err = _error(capsys, monkeypatch, home, "--dimse", pacs.dimse, "--aet", OUR_AET,
+                 "--called-aet", AET, "--query", "Modality=XC")  # fmt: skip
+    assert "did not deliver 1 of the 1 instance(s) it listed" in err
+    assert "run 'silo data add' again" in err
+
+
+def test_dicomweb_instance_gone_before_retrieval_is_a_loud_error(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An instance deleted on the PACS between QIDO-RS and WADO-RS: the series answer lacks it,
+    the one-by-one retry gets 404, and the pull says how many did not arrive."""
+    import requests
+
+    from silo_client.data import pacs as pacs_module
+    from silo_client.data.synthetic import generate_hospitals
+    from tests.pacs.conftest import orthanc_missing, running_orthanc
+
+    if orthanc_missing():
+        pytest.skip("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
+    generate_hospitals(tmp_path / "data", hospitals=1, images_per_hospital=4, seed=2,
+                       image_size=16)  # fmt: skip
+    (tmp_path / "orthanc").mkdir()
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        pacs.upload(sorted((tmp_path / "data" / "hospital-0" / "dicom").iterdir()))
+        fetch = pacs_module._wado_fetch
+
+        def delete_one_then_fetch(*args, **kwargs):  # the PACS loses one instance meanwhile
+            with requests.Session() as s:
+                s.auth, s.trust_env = (USER, PASSWORD), False
+                victim = s.get(f"{pacs.url}/instances", timeout=10).json()[0]
+                s.delete(f"{pacs.url}/instances/{victim}", timeout=10).raise_for_status()
+            monkeypatch.setattr(pacs_module, "_wado_fetch", fetch)
+            return fetch(*args, **kwargs)
+
+        monkeypatch.setattr(pacs_module, "_wado_fetch", delete_one_then_fetch)
+        home = init_silo_home(tmp_path / "home", "site-a")
+        err = _error(capsys, monkeypatch, home, *_web(pacs))
+    assert "listed 4 new instance(s) but delivered only 3 (asked twice)" in err
+    assert "run 'silo data add' again" in err
