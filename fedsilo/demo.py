@@ -20,6 +20,15 @@ from aggregator.artifacts import load_model, read_events
 from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
 from fedsilo.flower_processes import ClusterError, FlowerCluster
+from fedsilo.local_consortium import (
+    adjust_plan,
+    approve_everywhere,
+    generate_consortium_data,
+    pin_roster,
+    plan_preprocessing,
+    score_arrays,
+    train_alone,
+)
 from silo_client.home import init_silo_home
 from training_plan import TrainingPlan, load_plan
 
@@ -46,18 +55,12 @@ class DemoSettings:
 
 
 def _plan_for_demo(settings: DemoSettings, workdir: Path) -> tuple[TrainingPlan, Path]:
-    plan = load_plan(settings.plan_path)
-    changes: dict = {}
-    federation = plan.federation.model_copy(
-        update={
-            "min_silos": settings.hospitals,
-            **({"rounds": settings.rounds} if settings.rounds else {}),
-        }
+    federation = {"min_silos": settings.hospitals}
+    if settings.rounds:
+        federation["rounds"] = settings.rounds
+    plan = adjust_plan(
+        load_plan(settings.plan_path), federation=federation, training={"seed": settings.seed}
     )
-    changes["federation"] = federation
-    changes["training"] = plan.training.model_copy(update={"seed": settings.seed})
-    plan = plan.model_copy(update=changes)
-    plan = TrainingPlan.model_validate(plan.model_dump())
     import yaml
 
     path = workdir / "plan.yaml"
@@ -65,104 +68,31 @@ def _plan_for_demo(settings: DemoSettings, workdir: Path) -> tuple[TrainingPlan,
     return plan, path
 
 
-def _evaluate_arrays(
-    plan: TrainingPlan, arrays: dict[str, np.ndarray], images, labels
-) -> tuple[float, float]:
-    from silo_client.local_round import build_global_model
-    from silo_client.training import auc, evaluate_sums, predict_scores
-
-    model = build_global_model(plan, arrays)
-    scores = predict_scores(model, images)
-    sums = evaluate_sums(model, images, labels)
-    return auc(scores, labels.numpy()), sums.mean_loss
-
-
-def _local_only(plan: TrainingPlan, home, test_images, test_labels, seed_base: int) -> list[float]:
-    """One hospital training alone with the federated run's budget; AUC after each 'round'."""
-    import torch
-
-    from silo_client.local_round import load_local_data, silo_seed
-    from silo_client.training import auc, predict_scores, train_local
-    from training_plan.models import build_plan_model
-
-    torch.manual_seed(plan.training.seed)
-    model = build_plan_model(plan.model)
-    data = load_local_data(home, plan)
-    aucs = []
-    for server_round in range(1, plan.federation.rounds + 1):
-        train_local(
-            model,
-            data.train_images,
-            data.train_labels,
-            plan.training,
-            silo_seed(plan, home.name, server_round),
-        )
-        aucs.append(auc(predict_scores(model, test_images), test_labels.numpy()))
-    return aucs
-
-
-def _pin_demo_roster(homes: list) -> None:
-    """Give each silo an identity key and its own pinned copy of the roster of all silos.
-
-    In a real consortium this is `silo init` + `aggregator enroll` + `silo join`; the demo plays
-    every hospital's IT at once.
-    """
-    from secure_agg.keys import Roster
-    from silo_client.identity import ensure_identity, save_roster
-
-    roster = Roster()
-    for home in homes:
-        roster.add(home.name, ensure_identity(home).public_bytes)
-    for home in homes:
-        save_roster(home, roster)
-
-
-def _approve_demo_plan(homes: list, plan: TrainingPlan, workdir: Path) -> None:
-    """The researcher signs the plan; each hospital's IT allows that researcher and approves it.
-
-    In a real consortium: `fedsilo plan keygen/sign/submit`, then `silo policy edit` and
-    `silo plan review/approve` at each hospital.
-    """
-    from silo_client.governance.approvals import approve_plan
-    from silo_client.governance.policy import AllowedResearcher, SitePolicy, save_policy
-    from training_plan.signing import generate_keypair, load_private_key, sign_plan
-
-    key_path, pub_path = generate_keypair(workdir / "researcher" / "demo", overwrite=True)
-    signature = sign_plan(plan, load_private_key(key_path))
-    researcher = AllowedResearcher(name="Demo Researcher", public_key=pub_path.read_text().strip())
-    for home in homes:
-        save_policy(home.root, SitePolicy(allowed_researchers=[researcher]), actor="demo IT")
-        approve_plan(home.root, plan, signature, actor="demo IT")
-
-
 def _all_local_only(plan_json: str, home_roots: list[str], test_dir: str, cache_dir: str) -> dict:
     """Each hospital alone (runs in a worker process while the federation runs)."""
     import torch
 
-    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+    from silo_client.data.dicom_dataset import build_dataset
     from silo_client.home import SiloHome
+    from silo_client.local_round import load_local_data
 
     torch.set_num_threads(1)
     plan = TrainingPlan.model_validate_json(plan_json)
-    window = plan.preprocessing.window
-    prep = Preprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
-    )
-    test = build_dataset(Path(test_dir), prep, cache_dir=Path(cache_dir))
+    test = build_dataset(Path(test_dir), plan_preprocessing(plan), cache_dir=Path(cache_dir))
     curves = {}
     for root in home_roots:
         home = SiloHome.open(root)
-        curves[home.name] = _local_only(plan, home, test.images, test.labels, 0)
+        data = load_local_data(home, plan)
+        _, scores = train_alone(
+            plan, data.train_images, data.train_labels, home.name, test.images, test.labels
+        )
+        curves[home.name] = [score.auc for score in scores]
     return curves
 
 
 def run_demo(settings: DemoSettings, console=None) -> dict:
     """Run the whole demo; returns the summary also written to summary.json."""
     from rich.console import Console
-
-    from silo_client.data.synthetic import generate_hospitals, generate_test_set
 
     console = console or Console()
     started = time.monotonic()
@@ -174,20 +104,12 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
     plan, plan_path = _plan_for_demo(settings, work)
 
     with console.status("Generating synthetic hospitals (DICOM)..."):
-        specs = generate_hospitals(
-            work / "hospitals",
+        specs, test_dir = generate_consortium_data(
+            work,
             hospitals=settings.hospitals,
             images_per_hospital=settings.images_per_hospital,
+            test_images=settings.test_images,
             seed=settings.seed,
-            difficulty=settings.difficulty,
-            image_size=max(64, plan.preprocessing.input_size),
-        )
-        test_dir = work / "pooled-test"
-        generate_test_set(
-            test_dir,
-            n=settings.test_images,
-            seed=settings.seed + 10_000,
-            hospitals=settings.hospitals,
             difficulty=settings.difficulty,
             image_size=max(64, plan.preprocessing.input_size),
         )
@@ -195,8 +117,8 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
         init_silo_home(work / "silos" / spec.name, spec.name, work / "hospitals" / spec.name)
         for spec in specs
     ]
-    _pin_demo_roster(homes)
-    _approve_demo_plan(homes, plan, work)
+    pin_roster(homes)
+    approve_everywhere(homes, [plan], work)
     console.print(
         f"[bold]{len(specs)} hospitals[/]: "
         + ", ".join(
@@ -241,7 +163,7 @@ def _run_federation_and_report(
 ) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+    from silo_client.data.dicom_dataset import build_dataset
     from silo_client.training import limit_threads
 
     tls = make_tls(work / "tls", "fedsilo-demo", ["127.0.0.1", "localhost"])
@@ -317,20 +239,14 @@ def _run_federation_and_report(
     import torch
 
     torch.set_num_threads(2)
-    window = plan.preprocessing.window
-    prep = Preprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
-    )
-    test = build_dataset(test_dir, prep, cache_dir=work / "test-cache")
+    test = build_dataset(test_dir, plan_preprocessing(plan), cache_dir=work / "test-cache")
     rows = []
     with console.status("Evaluating each round's global model on the pooled test set..."):
         for server_round in range(0, plan.federation.rounds + 1):
             arrays = load_model(out_run / "rounds" / f"round-{server_round:03d}.safetensors")
-            fed_auc, fed_loss = _evaluate_arrays(plan, arrays, test.images, test.labels)
+            score = score_arrays(plan, arrays, test.images, test.labels)
             rows.append(
-                {"round": server_round, "federated_auc": fed_auc, "federated_loss": fed_loss}
+                {"round": server_round, "federated_auc": score.auc, "federated_loss": score.loss}
             )
     with console.status("Waiting for the local-only baselines..."):
         local_curves: dict[str, list[float]] = baselines.get(timeout=settings.timeout)

@@ -13,7 +13,7 @@ from flwr.common.serde import message_to_proto
 
 from aggregator.aggregation import PlainAggregation
 from aggregator.federated_run import FederatedRun
-from fedsilo.demo import _pin_demo_roster
+from fedsilo.local_consortium import pin_roster
 from silo_client.client_app import app as client_app
 from tests.conftest import TINY_PLAN
 from tests.harness import InProcessGrid
@@ -58,7 +58,7 @@ def test_no_phi_in_any_message_a_silo_sends(silo_homes: list, tmp_path: Path, se
         return reply
 
     if secure:
-        _pin_demo_roster(silo_homes)
+        pin_roster(silo_homes)
         plan = parse_plan(TINY_PLAN + "secure_aggregation: {max_weight: 40}\n")
         aggregation = None
     else:

@@ -32,7 +32,7 @@ PLAN = (
 
 
 def _prepare_silos(tmp_path: Path, plan_text: str) -> list:
-    from fedsilo.demo import _pin_demo_roster
+    from fedsilo.local_consortium import pin_roster
     from silo_client.governance.approvals import approve_plan
     from silo_client.governance.policy import SitePolicy, save_policy
 
@@ -47,7 +47,7 @@ def _prepare_silos(tmp_path: Path, plan_text: str) -> list:
         )
         for k in range(4)
     ]
-    _pin_demo_roster(homes)
+    pin_roster(homes)
     plan = parse_plan(plan_text)
     for home in homes:
         save_policy(

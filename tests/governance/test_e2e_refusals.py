@@ -98,9 +98,9 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
     homes = [
         init_silo_home(work / "silos" / s.name, s.name, work / "hospitals" / s.name) for s in specs
     ]
-    from fedsilo.demo import _pin_demo_roster
+    from fedsilo.local_consortium import pin_roster
 
-    _pin_demo_roster(homes)
+    pin_roster(homes)
     key_path, pub_path = generate_keypair(work / "researcher")
     researcher = AllowedResearcher(name="E2E Researcher", public_key=pub_path.read_text().strip())
     for home in homes:

@@ -1,0 +1,201 @@
+"""One machine playing a whole consortium: every hospital's IT, the researcher, the scorer.
+
+Shared by `fedsilo demo` (real Flower processes) and `bench/accuracy.py` (in process): pinning
+the roster, approving a signed plan at every silo, training a model alone for a federated run's
+budget, and scoring a model on a pooled held-out test set. In a real consortium each of these
+steps belongs to a different person at a different site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from training_plan import TrainingPlan
+
+if TYPE_CHECKING:
+    import torch
+
+    from silo_client.data.dicom_dataset import Preprocessing
+    from silo_client.data.synthetic import HospitalSpec
+    from silo_client.home import SiloHome
+
+
+def plan_preprocessing(plan: TrainingPlan) -> Preprocessing:
+    """The preprocessing a plan asks for, as the silo's dataset builder takes it."""
+    from silo_client.data.dicom_dataset import Preprocessing
+
+    window = plan.preprocessing.window
+    return Preprocessing(
+        input_size=plan.preprocessing.input_size,
+        window_center=window.center if window else None,
+        window_width=window.width if window else None,
+    )
+
+
+def adjust_plan(plan: TrainingPlan, **sections: dict) -> TrainingPlan:
+    """A copy of ``plan`` with fields of its sections replaced, validated again.
+
+    ``adjust_plan(plan, training={"seed": 1}, federation={"rounds": 6})``.
+    """
+    changes = {
+        name: getattr(plan, name).model_copy(update=update) for name, update in sections.items()
+    }
+    return TrainingPlan.model_validate(plan.model_copy(update=changes).model_dump())
+
+
+def generate_consortium_data(
+    out: Path,
+    *,
+    hospitals: int,
+    images_per_hospital: int,
+    test_images: int,
+    seed: int,
+    difficulty: float,
+    image_size: int,
+) -> tuple[list[HospitalSpec], Path]:
+    """Synthetic hospitals in ``out/hospitals/<name>`` and a pooled held-out test set.
+
+    The test set (``out/pooled-test``) is drawn from every hospital's distribution with its own
+    seed, so no image of it is in any hospital's data. Returns the specs and the test folder.
+    """
+    from silo_client.data.synthetic import generate_hospitals, generate_test_set
+
+    specs = generate_hospitals(
+        out / "hospitals",
+        hospitals=hospitals,
+        images_per_hospital=images_per_hospital,
+        seed=seed,
+        difficulty=difficulty,
+        image_size=image_size,
+    )
+    test_dir = out / "pooled-test"
+    generate_test_set(
+        test_dir,
+        n=test_images,
+        seed=seed + 10_000,
+        hospitals=hospitals,
+        difficulty=difficulty,
+        image_size=image_size,
+    )
+    return specs, test_dir
+
+
+def pin_roster(homes: list[SiloHome]) -> None:
+    """Give each silo an identity key and its own pinned copy of the roster of all silos.
+
+    In a real consortium this is `silo init` + `aggregator enroll` + `silo join`.
+    """
+    from secure_agg.keys import Roster
+    from silo_client.identity import ensure_identity, save_roster
+
+    roster = Roster()
+    for home in homes:
+        roster.add(home.name, ensure_identity(home).public_bytes)
+    for home in homes:
+        save_roster(home, roster)
+
+
+def approve_everywhere(
+    homes: list[SiloHome],
+    plans: list[TrainingPlan],
+    workdir: Path,
+    *,
+    secure_aggregation_required: bool = True,
+) -> None:
+    """A researcher signs the plans; each hospital's IT allows that researcher and approves them.
+
+    In a real consortium: `fedsilo plan keygen/sign/submit`, then `silo policy edit` and
+    `silo plan review/approve` at each hospital. ``secure_aggregation_required=False`` is the
+    site policy that lets a plan with secure aggregation off run (a benchmark's plain arm).
+    """
+    from silo_client.governance.approvals import approve_plan
+    from silo_client.governance.policy import AllowedResearcher, SitePolicy, save_policy
+    from training_plan.signing import generate_keypair, load_private_key, sign_plan
+
+    key_path, pub_path = generate_keypair(workdir / "researcher" / "demo", overwrite=True)
+    key = load_private_key(key_path)
+    researcher = AllowedResearcher(name="Demo Researcher", public_key=pub_path.read_text().strip())
+    policy = SitePolicy(
+        allowed_researchers=[researcher], secure_aggregation_required=secure_aggregation_required
+    )
+    for home in homes:
+        save_policy(home.root, policy, actor="demo IT")
+        for plan in plans:
+            approve_plan(home.root, plan, sign_plan(plan, key), actor="demo IT")
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """A model's figures on a held-out test set."""
+
+    auc: float
+    accuracy: float
+    loss: float
+
+
+def score_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> ModelScore:
+    """AUC, accuracy (threshold 0.5) and mean cross-entropy of ``model`` on (images, labels)."""
+    from silo_client.training import auc, evaluate_sums, predict_scores
+
+    sums = evaluate_sums(model, images, labels)
+    return ModelScore(
+        auc=auc(predict_scores(model, images), labels.numpy()),
+        accuracy=sums.accuracy,
+        loss=sums.mean_loss,
+    )
+
+
+def score_arrays(
+    plan: TrainingPlan, arrays: dict[str, np.ndarray], images: torch.Tensor, labels: torch.Tensor
+) -> ModelScore:
+    """Score the plan's network carrying ``arrays`` (a checkpoint's weights)."""
+    from silo_client.local_round import build_global_model
+
+    return score_model(build_global_model(plan, arrays), images, labels)
+
+
+def train_alone(
+    plan: TrainingPlan,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    name: str,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+) -> tuple[dict[str, np.ndarray], list[ModelScore]]:
+    """Train one model on (images, labels) alone with a federated run's budget.
+
+    Same initial weights as the federated run (the plan's seed), then ``rounds`` calls of the
+    silo's own ``train_local`` with ``local_epochs`` each (a fresh optimizer per call, as in a
+    federated round), seeded as silo ``name`` would be. Returns the final float state and the
+    test-set score after each 'round'.
+    """
+    import torch
+
+    from silo_client.local_round import silo_seed
+    from silo_client.training import float_state, train_local
+    from training_plan.models import build_plan_model
+
+    torch.manual_seed(plan.training.seed)
+    model = build_plan_model(plan.model)
+    scores = []
+    for server_round in range(1, plan.federation.rounds + 1):
+        train_local(model, images, labels, plan.training, silo_seed(plan, name, server_round))
+        scores.append(score_model(model, test_images, test_labels))
+    return float_state(model), scores
+
+
+__all__ = [
+    "ModelScore",
+    "adjust_plan",
+    "approve_everywhere",
+    "generate_consortium_data",
+    "pin_roster",
+    "plan_preprocessing",
+    "score_arrays",
+    "score_model",
+    "train_alone",
+]
