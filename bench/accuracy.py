@@ -452,21 +452,27 @@ def write_outputs(result: dict, out: Path) -> None:
     x = np.arange(len(arms))
     for i, metric in enumerate(metrics):
         values = [arm["metrics"][metric] for arm in arms]
-        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, values, width, label=metric)
+        name = metric.upper() if metric == "auc" else metric
+        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, values, width, label=name)
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     central = next(a for a in arms if a["arm"] == "centralized")["metrics"][result["metric"]]
     tolerance = TOLERANCE[result["task"]]
-    ax.axhline(central - tolerance, color="grey", ls="--", lw=1)
-    ax.text(len(arms) - 0.5, central - tolerance, f"centralized - {tolerance}", ha="right",
-            va="bottom", fontsize=7, color="grey")  # fmt: skip
+    metric = result["metric"].upper() if result["metric"] == "auc" else result["metric"]
+    ax.axhline(
+        central - tolerance,
+        color="grey",
+        ls="--",
+        lw=1,
+        label=f"centralized {metric} - {tolerance}",
+    )
     ax.set_xticks(x, [arm["label"].replace(", ", ",\n") for arm in arms], fontsize=7)
     ax.set_ylim(0.0, 1.05)
     ax.set_ylabel("pooled held-out test set")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     cfg = result["config"]
     ax.set_title(
         f"fedsilo accuracy bench ({result['task']}): same budget, "
-        f"{cfg['rounds']} x {cfg['local_epochs']} epochs"
+        f"{cfg['rounds']} rounds x {cfg['local_epochs']} local epochs"
     )
     fig.tight_layout()
     fig.savefig(out / "accuracy.png")
