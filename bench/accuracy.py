@@ -74,6 +74,8 @@ class BenchConfig:
     threads: int = 2
     widen_factor: float = 1.0  # MONAI ResNet's channel multiplier (< 1: a narrower resnet10)
     every_round: bool = False  # score every round's models (curves in the JSON), not only final
+    strategy: str = "fedavg"  # the federated arms' server strategy (no extra silo compute)
+    strategy_args: dict[str, float] = field(default_factory=dict)
     quick: bool = False
 
 
@@ -145,7 +147,12 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> ClassificationSetup:
             "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size,
         },
-        federation={"rounds": cfg.rounds, "min_silos": cfg.hospitals},
+        federation={
+            "rounds": cfg.rounds,
+            "min_silos": cfg.hospitals,
+            "strategy": cfg.strategy,
+            "strategy_args": cfg.strategy_args,
+        },
     )
     plain_plan = adjust_plan(plan, secure_aggregation={"enabled": False})
     specs, test_dir = generate_consortium_data(
@@ -490,6 +497,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _strategy_arg(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=NUMBER (e.g. server_momentum=0.9), got '{text}'"
+        ) from None
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None, Path | None]:
     """The benchmark's settings, the --out folder and the --workdir (None: a temp folder)."""
     parser = argparse.ArgumentParser(prog="bench/accuracy.py", description=__doc__.split("\n\n")[0])
@@ -498,6 +517,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
     parser.add_argument("--local-epochs", type=_positive_int, help="epochs per round (default 2)")
     parser.add_argument("--images-per-hospital", type=_positive_int)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        choices=("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+        default="fedavg",
+        help="server strategy of the federated arms (plain: the same strategy, unmasked)",
+    )
+    parser.add_argument(
+        "--strategy-arg",
+        action="append",
+        default=[],
+        type=_strategy_arg,
+        metavar="NAME=VALUE",
+        help="a tunable of the strategy, e.g. server_momentum=0.9 (repeatable)",
+    )
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="tiny budget: a smoke test")
     parser.add_argument(
@@ -517,6 +550,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
         seed=args.seed,
         threads=args.threads,
         every_round=args.every_round,
+        strategy=args.strategy,
+        strategy_args=dict(args.strategy_arg),
         quick=args.quick,
         **settings,
     )
@@ -547,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    from pydantic import ValidationError
+
     from aggregator.errors import AggregatorError
     from silo_client.errors import SiloError
 
@@ -555,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, AggregatorError, SiloError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        console.print(f"[red]error:[/] the benchmark's plan is invalid at {where}: {first['msg']}")
+        return 2
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)

@@ -89,6 +89,7 @@ def test_quick_bench_prints_one_table_and_writes_every_arm(tmp_path: Path) -> No
         (["--rounds", "0"], "argument --rounds: expected a whole number >= 1, got 0"),
         (["--local-epochs", "two"], "argument --local-epochs: expected a whole number >= 1"),
         (["--task", "detection"], "argument --task: invalid choice: 'detection'"),
+        (["--strategy-arg", "eta"], "argument --strategy-arg: expected NAME=NUMBER"),
     ],
 )
 def test_bad_arguments_get_one_line_and_a_nonzero_exit(args: list[str], message: str) -> None:
@@ -106,3 +107,11 @@ def test_out_pointing_at_a_file_is_refused(tmp_path: Path) -> None:
     assert f"--out {target} is a file" in done.stderr
     assert "Traceback" not in done.stderr
     assert target.read_text() == "{}", "nothing already there is overwritten"
+
+
+def test_a_strategy_argument_the_plan_refuses_is_one_line() -> None:
+    done = _bench("--quick", "--strategy", "fedavgm", "--strategy-arg", "eta=3", timeout=120)
+    assert done.returncode == 2
+    assert "the benchmark's plan is invalid at federation" in done.stdout
+    assert "'eta' is not an argument of fedavgm" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
