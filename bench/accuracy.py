@@ -1,6 +1,7 @@
 """Accuracy benchmark (issue 7): is federated training with secure aggregation worth using?
 
-    python bench/accuracy.py [--rounds 3] [--local-epochs 2] [--quick] [--out DIR]
+    python bench/accuracy.py [--rounds 3] [--local-epochs 2] [--strategy fedavg]
+        [--strategy-arg NAME=VALUE ...] [--every-round] [--quick] [--out DIR]
 
 On the synthetic non-IID hospitals of `fedsilo demo` (2D lesion classification, real DICOM),
 with fixed seeds and the same compute budget for every arm (each training example is seen
