@@ -30,6 +30,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/secure_agg.py
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python bench/accuracy.py --out bench-results/accuracy
 
 clean:
-	rm -rf $(VENV) fedsilo-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) fedsilo-demo bench-results .pytest_cache .ruff_cache

@@ -165,13 +165,15 @@ def train_alone(
     name: str,
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
+    *,
+    every_round: bool = True,
 ) -> tuple[dict[str, np.ndarray], list[ModelScore]]:
     """Train one model on (images, labels) alone with a federated run's budget.
 
     Same initial weights as the federated run (the plan's seed), then ``rounds`` calls of the
     silo's own ``train_local`` with ``local_epochs`` each (a fresh optimizer per call, as in a
     federated round), seeded as silo ``name`` would be. Returns the final float state and the
-    test-set score after each 'round'.
+    test-set score after each 'round' (``every_round=False``: after the last one only).
     """
     import torch
 
@@ -182,9 +184,11 @@ def train_alone(
     torch.manual_seed(plan.training.seed)
     model = build_plan_model(plan.model)
     scores = []
-    for server_round in range(1, plan.federation.rounds + 1):
+    rounds = plan.federation.rounds
+    for server_round in range(1, rounds + 1):
         train_local(model, images, labels, plan.training, silo_seed(plan, name, server_round))
-        scores.append(score_model(model, test_images, test_labels))
+        if every_round or server_round == rounds:
+            scores.append(score_model(model, test_images, test_labels))
     return float_state(model), scores
 
 
