@@ -30,6 +30,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/secure_agg.py
+	$(BIN)/python bench/data.py
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python bench/accuracy.py --out bench-results/accuracy
 
 clean:

@@ -44,10 +44,41 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed for data, model and training."),
     timeout: float = typer.Option(1200.0, "--timeout", help="Give up after this many seconds."),
     plan: Path = typer.Option(None, "--plan", help="Plan YAML (default: the bundled demo plan)."),
+    task: str = typer.Option(
+        "classification",
+        "--task",
+        help="classification (2-D slices, AUC) or segmentation (3-D CT series, UNet, Dice).",
+    ),
+    cases_per_hospital: int = typer.Option(
+        40, "--cases-per-hospital", min=20, max=500, help="CT series per hospital (segmentation)."
+    ),
 ) -> None:
     """Run a whole consortium on this machine: synthetic hospitals, real Flower processes."""
     from fedsilo.demo import DemoSettings, run_demo
 
+    if task not in ("classification", "segmentation"):
+        raise typer.BadParameter(
+            f"'{task}' is not a demo task; use classification or segmentation", param_hint="--task"
+        )
+    if task == "segmentation":
+        from fedsilo.demo_segmentation import SegmentationDemoSettings, run_segmentation_demo
+
+        run_segmentation_demo(
+            SegmentationDemoSettings(
+                out=out,
+                hospitals=hospitals,
+                cases_per_hospital=cases_per_hospital,
+                rounds=rounds,
+                seed=seed,
+                timeout=timeout,
+                **({"plan_path": plan} if plan else {}),
+            ),
+            console=console,
+        )
+        console.print(
+            f"Wrote {out}/summary.json, metrics.csv, metrics.png and final_model.safetensors"
+        )
+        return
     summary = run_demo(
         DemoSettings(
             out=out,

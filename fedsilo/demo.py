@@ -161,78 +161,12 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
 def _run_federation_and_report(
     settings, console, plan, plan_path, homes, specs, work, out, test_dir, started, baselines
 ) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from silo_client.data.dicom_dataset import build_dataset
     from silo_client.training import limit_threads
 
-    tls = make_tls(work / "tls", "fedsilo-demo", ["127.0.0.1", "localhost"])
     out_run = out / "run"
-    if out_run.exists():
-        shutil.rmtree(out_run)
-    cluster = FlowerCluster(work, tls)
-    with cluster:
-        with console.status("Starting SuperLink and SuperNodes (TLS on 127.0.0.1)..."):
-            cluster.start_superlink()
-            for home in homes:
-                cluster.start_supernode(home.name, {"home": str(home.root)})
-            app_dir = write_flower_app(
-                work / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180}
-            )
-            run_id = f"demo-{settings.seed}"
-            cluster.submit(
-                app_dir, {"plan-path": str(plan_path), "out-dir": str(out_run), "run-id": run_id}
-            )
-        console.print(
-            f"SuperLink at {cluster.address} (TLS), {len(homes)} SuperNodes, "
-            f"run '{run_id}' submitted"
-        )
-        events_path = out_run / "events.jsonl"
-        with Progress(
-            TextColumn("[bold]federated training"),
-            BarColumn(),
-            TextColumn("round {task.completed}/{task.total}"),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("waiting for silos", total=plan.federation.rounds)
-            deadline = time.monotonic() + settings.timeout
-            while True:
-                events = read_events(events_path)
-                finished = [e for e in events if e["event"] == "round-finished"]
-                if finished:
-                    last = finished[-1]
-                    ev = last.get("evaluate", {})
-                    if ev:
-                        shown = (
-                            f"val loss {ev.get('eval-loss', float('nan')):.3f} "
-                            f"acc {ev.get('eval-accuracy', float('nan')):.3f}"
-                        )
-                    else:
-                        loss = last.get("train", {}).get("train-loss", float("nan"))
-                        shown = f"train loss {loss:.3f}"
-                    progress.update(
-                        task,
-                        completed=len(finished),
-                        description=f"{shown} ({last.get('participants')} silos, secure sum)",
-                    )
-                elif any(e["event"] == "run-started" for e in events):
-                    progress.update(task, description="round 1 running")
-                failed = [e for e in events if e["event"] in ("run-failed", "round-failed")]
-                if failed:
-                    raise DemoError(
-                        f"the federated run failed: {failed[-1].get('reason', failed[-1])}"
-                    )
-                if any(e["event"] == "run-finished" for e in events):
-                    break
-                cluster.check_alive()
-                if time.monotonic() > deadline:
-                    raise DemoError(
-                        f"the federated run did not finish within {settings.timeout:.0f} s; "
-                        f"see the logs in {work / 'logs'}"
-                    )
-                time.sleep(0.5)
+    run_federation(console, plan, plan_path, homes, work, out_run, f"demo-{settings.seed}",
+                   settings.timeout)  # fmt: skip
     federated_seconds = time.monotonic() - started
 
     limit_threads()
@@ -278,6 +212,95 @@ def _run_federation_and_report(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_table(console, rows, local_final, summary)
     return summary
+
+
+def _progress_text(event: dict) -> str:
+    """One line for the progress bar: the round's validation metrics, else its training loss."""
+    ev = event.get("evaluate", {})
+    if "eval-dice" in ev:
+        return f"val Dice {ev['eval-dice']:.3f} loss {ev.get('eval-loss', float('nan')):.3f}"
+    if ev:
+        return (
+            f"val loss {ev.get('eval-loss', float('nan')):.3f} "
+            f"acc {ev.get('eval-accuracy', float('nan')):.3f}"
+        )
+    return f"train loss {event.get('train', {}).get('train-loss', float('nan')):.3f}"
+
+
+def run_federation(
+    console,
+    plan: TrainingPlan,
+    plan_path: Path,
+    homes: list,
+    work: Path,
+    out_run: Path,
+    run_id: str,
+    timeout: float,
+) -> None:
+    """Start a TLS SuperLink and one SuperNode per silo home on 127.0.0.1, submit the plan
+    through `flwr run`, show progress from the run's events, and stop every process at the end
+    (or on any error). Raises DemoError when the run fails or overruns ``timeout``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tls = make_tls(work / "tls", "fedsilo-demo", ["127.0.0.1", "localhost"])
+    if out_run.exists():
+        shutil.rmtree(out_run)
+    cluster = FlowerCluster(work, tls)
+    with cluster:
+        with console.status("Starting SuperLink and SuperNodes (TLS on 127.0.0.1)..."):
+            cluster.start_superlink()
+            for home in homes:
+                cluster.start_supernode(home.name, {"home": str(home.root)})
+            app_dir = write_flower_app(
+                work / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180}
+            )
+            cluster.submit(
+                app_dir, {"plan-path": str(plan_path), "out-dir": str(out_run), "run-id": run_id}
+            )
+        console.print(
+            f"SuperLink at {cluster.address} (TLS), {len(homes)} SuperNodes, "
+            f"run '{run_id}' submitted"
+        )
+        events_path = out_run / "events.jsonl"
+        secure = "secure sum" if plan.secure_aggregation.enabled else "plain"
+        with Progress(
+            TextColumn("[bold]federated training"),
+            BarColumn(),
+            TextColumn("round {task.completed}/{task.total}"),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("waiting for silos", total=plan.federation.rounds)
+            deadline = time.monotonic() + timeout
+            while True:
+                events = read_events(events_path)
+                finished = [e for e in events if e["event"] == "round-finished"]
+                if finished:
+                    last = finished[-1]
+                    progress.update(
+                        task,
+                        completed=len(finished),
+                        description=(
+                            f"{_progress_text(last)} ({last.get('participants')} silos, {secure})"
+                        ),
+                    )
+                elif any(e["event"] == "run-started" for e in events):
+                    progress.update(task, description="round 1 running")
+                failed = [e for e in events if e["event"] in ("run-failed", "round-failed")]
+                if failed:
+                    raise DemoError(
+                        f"the federated run failed: {failed[-1].get('reason', failed[-1])}"
+                    )
+                if any(e["event"] == "run-finished" for e in events):
+                    break
+                cluster.check_alive()
+                if time.monotonic() > deadline:
+                    raise DemoError(
+                        f"the federated run did not finish within {timeout:.0f} s; "
+                        f"see the logs in {work / 'logs'}"
+                    )
+                time.sleep(0.5)
 
 
 def _write_outputs(
