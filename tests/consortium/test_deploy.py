@@ -93,6 +93,40 @@ def _chart_objects() -> list[dict]:
     ]
 
 
+COMPOSE_SCHEMA = Path(__file__).resolve().parent / "schemas" / "compose_spec.json"
+
+
+def _compose_schema_errors(document: dict) -> list[str]:
+    """Errors of a compose document against the vendored Compose Specification schema (the
+    top-level ``name``, newer than the schema, is checked on its own)."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    body = {k: v for k, v in document.items() if k != "name"}
+    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(body)]
+    name = document.get("name")
+    if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", str(name)):
+        errors.append(f"$.name: {name!r} is not a valid compose project name")
+    return errors
+
+
+def test_compose_file_matches_the_compose_specification_schema() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    assert _compose_schema_errors(compose) == []
+
+
+def test_compose_schema_check_rejects_a_broken_file() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    service = next(iter(compose["services"]))
+    compose["services"][service]["restart_policy"] = "always"  # not a service key
+    compose["services"][service]["ports"] = {"9093": 9093}  # ports is a list
+    compose["name"] = "Fedsilo Demo"
+    errors = _compose_schema_errors(compose)
+    assert any("restart_policy" in e for e in errors), errors
+    assert any(".ports" in e for e in errors), errors
+    assert any("$.name" in e for e in errors), errors
+
+
 def test_helm_chart_renders_to_valid_kubernetes_objects() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2" and chart["name"] == "fedsilo-consortium"
