@@ -24,6 +24,8 @@ from training_plan.errors import PlanError
 if TYPE_CHECKING:
     import torch
 
+    from silo_client.data.dicom_dataset import Preprocessing
+    from silo_client.data.segmentation_dataset import VolumePreprocessing
     from silo_client.training import TrainResult
 
 log = logging.getLogger("fedsilo.silo")
@@ -82,6 +84,24 @@ TEST_SEED_OFFSET = 104_729
 seed (and a plan changing only validation_fraction keeps the same test patients)."""
 
 
+def plan_preprocessing(plan: TrainingPlan) -> Preprocessing | VolumePreprocessing:
+    """The preprocessing the plan asks for, as its task's dataset builder takes it: 2-D images
+    (``Preprocessing``) for classification, volumes (``VolumePreprocessing``) for segmentation."""
+    window = plan.preprocessing.window
+    args = {
+        "input_size": plan.preprocessing.input_size,
+        "window_center": window.center if window else None,
+        "window_width": window.width if window else None,
+    }
+    if plan.task == "segmentation":
+        from silo_client.data.segmentation_dataset import VolumePreprocessing
+
+        return VolumePreprocessing(**args)
+    from silo_client.data.dicom_dataset import Preprocessing
+
+    return Preprocessing(**args)
+
+
 def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = None) -> LocalData:
     """Load (from the preprocessed cache when possible) and split the dataset the plan selects.
 
@@ -91,17 +111,11 @@ def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = No
     """
     if plan.task == "segmentation":
         return _load_segmentation_data(home, plan, dataset)
-    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+    from silo_client.data.dicom_dataset import build_dataset
 
     dataset = dataset or plan.dataset
     folder = home.dataset_folder(dataset)
-    window = plan.preprocessing.window
-    preprocessing = Preprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
-    )
-    data = build_dataset(Path(folder), preprocessing, cache_dir=home.cache_dir)
+    data = build_dataset(Path(folder), plan_preprocessing(plan), cache_dir=home.cache_dir)
     if len(data.labels) < 2:
         raise DataError(
             f"dataset '{dataset}' of silo '{home.name}' has {len(data.labels)} usable image(s); "
@@ -141,20 +155,13 @@ def _load_segmentation_data(
     home: SiloHome, plan: TrainingPlan, dataset: str | None = None
 ) -> LocalData:
     """Volumes and masks of a segmentation dataset, split by patient (or case) like 2D data."""
-    from silo_client.data.segmentation_dataset import (
-        VolumePreprocessing,
-        build_segmentation_dataset,
-    )
+    from silo_client.data.segmentation_dataset import build_segmentation_dataset
 
     dataset = dataset or plan.dataset
     folder = home.dataset_folder(dataset)
-    window = plan.preprocessing.window
-    preprocessing = VolumePreprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
+    data = build_segmentation_dataset(
+        Path(folder), plan_preprocessing(plan), cache_dir=home.cache_dir
     )
-    data = build_segmentation_dataset(Path(folder), preprocessing, cache_dir=home.cache_dir)
     n = len(data)
     if n < 2:
         raise DataError(
