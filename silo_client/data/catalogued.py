@@ -28,19 +28,28 @@ from silo_client.data.dicom_dataset import (
 from silo_client.data.ingest import MARKER_FILE, load_frames
 from silo_client.errors import DataError
 
-__all__ = ["build_catalogued_dataset"]
+__all__ = ["build_catalogued_dataset", "registered_catalogue"]
 
 log = logging.getLogger(__name__)
 
 
-def _marker(folder: Path) -> tuple[Path, str]:
+def registered_catalogue(folder: Path) -> tuple[Path, str]:
+    """The catalogue and dataset name a managed dataset folder (``silo data add``) belongs to,
+    from its marker file; DataError when the marker is damaged or the catalogue is gone."""
+    marker = Path(folder) / MARKER_FILE
     try:
-        payload = json.loads((folder / MARKER_FILE).read_text())
-        return Path(payload["catalogue"]), str(payload["name"])
+        payload = json.loads(marker.read_text())
+        db_path, name = Path(payload["catalogue"]), str(payload["name"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
-            f"{folder / MARKER_FILE} is damaged ({exc}); run 'silo data add' for this dataset again"
+            f"{marker} is damaged ({exc}); run 'silo data add' for this dataset again"
         ) from None
+    if not db_path.is_file():
+        raise DataError(
+            f"data catalogue {db_path} of dataset '{name}' is missing; register the dataset "
+            f"again with 'silo data add {name} ...'"
+        )
+    return db_path, name
 
 
 def build_catalogued_dataset(
@@ -51,12 +60,7 @@ def build_catalogued_dataset(
     Unlabelled images and files the catalogue skipped are listed in ``skipped``; label rows
     matching nothing become ``warnings``. Raises DataError when no labelled image remains.
     """
-    db_path, name = _marker(Path(folder))
-    if not db_path.is_file():
-        raise DataError(
-            f"data catalogue {db_path} of dataset '{name}' is missing; register the dataset "
-            f"again with 'silo data add {name} ...'"
-        )
+    db_path, name = registered_catalogue(Path(folder))
     with Catalogue(db_path) as catalogue:
         record = catalogue.require(name)
         rows = catalogue.usable(name)

@@ -258,19 +258,9 @@ def _layout(folder: Path) -> tuple[Path, Path | None, Path]:
 
 def _registered_root(marker: Path) -> Path:
     from silo_client.data.catalogue import Catalogue
+    from silo_client.data.catalogued import registered_catalogue
 
-    try:
-        payload = json.loads(marker.read_text())
-        db_path, name = Path(payload["catalogue"]), str(payload["name"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"{marker} is damaged ({exc}); run 'silo data add' for this dataset again"
-        ) from None
-    if not db_path.is_file():
-        raise DataError(
-            f"data catalogue {db_path} of dataset '{name}' is missing; register the dataset "
-            f"again with 'silo data add {name} ...'"
-        )
+    db_path, name = registered_catalogue(marker.parent)
     with Catalogue(db_path) as catalogue:
         record = catalogue.require(name)
     root = Path(record.files_root)
