@@ -1,11 +1,14 @@
 """Accuracy benchmark (issue 7): is federated training with secure aggregation worth using?
 
-    python bench/accuracy.py [--rounds 3] [--local-epochs 2] [--strategy fedavg]
-        [--strategy-arg NAME=VALUE ...] [--every-round] [--quick] [--out DIR]
+    python bench/accuracy.py [--task classification|segmentation] [--rounds 3]
+        [--local-epochs 2] [--strategy fedavg] [--strategy-arg NAME=VALUE ...] [--every-round]
+        [--quick] [--out DIR]
 
-On the synthetic non-IID hospitals of `fedsilo demo` (2D lesion classification, real DICOM),
-with fixed seeds and the same compute budget for every arm (each training example is seen
-``rounds x local_epochs`` times, starting from the same initial weights):
+On the synthetic non-IID hospitals of `fedsilo demo` (``--task classification``: 2D lesion
+classification, real DICOM; ``--task segmentation``: 3-D lesion segmentation on CT series with
+masks as DICOM SEG or NIfTI, the demo's UNet, a smaller budget), with fixed seeds and the same
+compute budget for every arm (each training example is seen ``rounds x local_epochs`` times,
+starting from the same initial weights):
 
 * centralized: one model on the pooled training data of all hospitals;
 * each hospital alone, on its own training data;
@@ -15,8 +18,9 @@ with fixed seeds and the same compute budget for every arm (each training exampl
   the bench measures accuracy, not transport; `fedsilo demo` runs the same code as processes);
 * the same federated run with plain FedAvg (secure aggregation off).
 
-Every model is scored on the same pooled held-out test set (AUC, accuracy). Prints one table,
-the issue's targets (federated within 0.02 AUC of centralized, and above every hospital alone)
+Every model is scored on the same pooled held-out test set (AUC and accuracy; Dice and HD95 on
+held-out cases of every hospital's scanner). Prints one table, the issue's targets (federated
+within 0.02 AUC, or 0.02 Dice, of centralized, and above every hospital alone)
 with PASS/FAIL, and the largest parameter difference between the secure and the plain run
 beside the codec's error bound (secure_agg/codec.py, with the plan's codec settings). The bound
 is per round: after round 1 both runs started from the same weights, so the difference must be
@@ -26,8 +30,8 @@ local training may amplify the difference, so the final figure is reported, not 
 ``--out DIR`` writes ``accuracy.json`` and ``accuracy.png`` (bar chart). ``--quick`` is a tiny
 budget for a smoke test (tests/training/test_accuracy_bench.py), not a measurement.
 
-Each task is a function (``TASKS``); each arm is a function. A segmentation task (Dice) will
-plug in beside ``run_classification`` with the same result layout.
+Each task is a ``prepare_*`` function that returns a ``TaskSetup`` (``TASK_INFO``); each arm is
+a function over it, the same for every task.
 """
 
 from __future__ import annotations
@@ -443,7 +447,7 @@ def prepare_segmentation(cfg: BenchConfig, work: Path) -> TaskSetup:
     # max_weight near the largest silo's training cases keeps the codec precise (the demo plan's
     # 30 is sized for its own hospitals); the split does not depend on it.
     largest = max(len(labels) for _, labels in train.values())
-    plan = adjust_plan(plan, secure_aggregation={"max_weight": float(largest)})
+    plan = adjust_plan(plan, secure_aggregation={"max_weight": int(largest)})
     plain_plan = adjust_plan(plan, secure_aggregation={"enabled": False})
     approve_everywhere(homes, [plan, plain_plan], work, secure_aggregation_required=False)
     test = load_segmentation_cases(test_folders, plan, work / "test-cache")
