@@ -1,8 +1,8 @@
 """Accuracy benchmark (issue 7): is federated training with secure aggregation worth using?
 
     python bench/accuracy.py [--task classification|segmentation] [--rounds 3]
-        [--local-epochs 2] [--strategy fedavg] [--strategy-arg NAME=VALUE ...] [--every-round]
-        [--quick] [--out DIR]
+        [--local-epochs 2] [--batch-size N] [--strategy fedavg] [--strategy-arg NAME=VALUE ...]
+        [--every-round] [--quick] [--out DIR]
 
 On the synthetic non-IID hospitals of `fedsilo demo` (``--task classification``: 2D lesion
 classification, real DICOM; ``--task segmentation``: 3-D lesion segmentation on CT series with
@@ -91,8 +91,8 @@ class BenchConfig:
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {},
     "segmentation": {
-        "rounds": 3,
-        "local_epochs": 4,
+        "rounds": 10,
+        "local_epochs": 3,
         "images_per_hospital": 40,
         "test_images": 30,
         "input_size": 32,
@@ -685,6 +685,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
     parser.add_argument("--rounds", type=_positive_int, help="federated rounds (default 3)")
     parser.add_argument("--local-epochs", type=_positive_int, help="epochs per round (default 2)")
     parser.add_argument("--images-per-hospital", type=_positive_int)
+    parser.add_argument(
+        "--batch-size", type=_positive_int, help="every arm's batch size (default: the plan's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--strategy",
@@ -713,7 +716,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
     settings: dict[str, Any] = dict(TASK_DEFAULTS[args.task])
     if args.quick:
         settings.update(QUICK[args.task])
-    for key in ("rounds", "local_epochs", "images_per_hospital"):
+    for key in ("rounds", "local_epochs", "images_per_hospital", "batch_size"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     cfg = BenchConfig(
