@@ -129,6 +129,7 @@ def test_quick_segmentation_bench_runs_every_arm_and_secure_matches_plain(tmp_pa
         (["--rounds", "0"], "argument --rounds: expected a whole number >= 1, got 0"),
         (["--local-epochs", "two"], "argument --local-epochs: expected a whole number >= 1"),
         (["--task", "detection"], "argument --task: invalid choice: 'detection'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
         (["--strategy-arg", "eta"], "argument --strategy-arg: expected NAME=NUMBER"),
     ],
 )
