@@ -1,5 +1,5 @@
 """bench/accuracy.py --quick in a subprocess (classification, and segmentation): one table and a
-JSON with every arm, a bar chart, and the secure-aggregation run equal to plain FedAvg within the
+JSON with every arm, a bar chart, and the secure-aggregation run equal to the plain run within the
 codec's error bound.
 
 No accuracy target or timing is asserted (a one-round, tiny-budget run says nothing about them);
@@ -71,7 +71,7 @@ def test_quick_bench_prints_one_table_and_writes_every_arm(tmp_path: Path) -> No
     for target in result["targets"]:
         assert ("PASS" if target["pass"] else "FAIL") + "  " + target["target"] in text
 
-    # secure aggregation vs plain FedAvg, same seeds, same silos: within the codec bound
+    # secure aggregation vs the plain run, same seeds, same silos: within the codec bound
     sp = result["secure_vs_plain"]
     assert 0.0 < sp["codec_bound_per_round"] <= sp["bound_round1"]
     assert sp["max_abs_diff_round1"] <= sp["bound_round1"], sp
