@@ -20,7 +20,15 @@ import numpy as np
 
 from aggregator.artifacts import load_model, read_events
 from fedsilo.demo import DemoError, run_federation
-from fedsilo.local_consortium import adjust_plan, approve_everywhere, pin_roster
+from fedsilo.local_consortium import (
+    SegmentationCases,
+    adjust_plan,
+    approve_everywhere,
+    load_segmentation_cases,
+    pin_roster,
+    score_segmentation,
+    train_segmentation_alone,
+)
 from silo_client.home import init_silo_home
 from training_plan import TrainingPlan, load_plan
 
@@ -44,64 +52,12 @@ class SegmentationDemoSettings:
     timeout: float = 1200.0
 
 
-@dataclass
-class _Cases:
-    images: object
-    masks: object
-    spacing_mm: np.ndarray
-
-
-def _load_cases(folders: list[Path], plan: TrainingPlan, cache_dir: Path) -> _Cases:
-    import torch
-
-    from silo_client.data.segmentation_dataset import (
-        VolumePreprocessing,
-        build_segmentation_dataset,
-    )
-
-    window = plan.preprocessing.window
-    prep = VolumePreprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
-    )
-    parts = [build_segmentation_dataset(f, prep, cache_dir=cache_dir) for f in folders]
-    return _Cases(
-        torch.cat([p.images for p in parts]),
-        torch.cat([p.masks for p in parts]),
-        np.concatenate([p.spacing_mm.numpy() for p in parts]).astype(np.float64),
-    )
-
-
-def _score(plan: TrainingPlan, model, cases: _Cases) -> dict[str, float]:
-    from silo_client.training import segmentation_counters
-    from training_plan.metrics import metrics_from_sums
-
-    counters = segmentation_counters(model, cases.images, cases.masks, cases.spacing_mm, plan)
-    return metrics_from_sums(plan, counters)
-
-
-def _alone(plan: TrainingPlan, home, test: _Cases) -> list[dict[str, float]]:
-    """One hospital training alone: the federated run's initial weights and budget (rounds x
-    local epochs on its own training split, a fresh optimizer per 'round', seeded as in the run)."""
-    import torch
-
-    from silo_client.local_round import load_local_data, local_trainer, silo_seed
-    from training_plan.models import build_plan_model
+def _alone(plan: TrainingPlan, home, test: SegmentationCases) -> list[dict[str, float]]:
+    """One hospital training alone on its own training split, the federated run's budget."""
+    from silo_client.local_round import load_local_data
 
     data = load_local_data(home, plan)
-    torch.manual_seed(plan.training.seed)
-    model = build_plan_model(plan.model)
-    curve = []
-    for server_round in range(1, plan.federation.rounds + 1):
-        local_trainer(plan)(
-            model,
-            data.train_images,
-            data.train_labels,
-            plan.training,
-            seed=silo_seed(plan, home.name, server_round),
-        )
-        curve.append(_score(plan, model, test))
+    _, curve = train_segmentation_alone(plan, data.train_images, data.train_labels, home.name, test)
     return curve
 
 
@@ -170,11 +126,11 @@ def run_segmentation_demo(settings: SegmentationDemoSettings, console=None) -> d
     limit_threads()
     torch.set_num_threads(2)
     with console.status("Scoring each round's global model and each hospital alone..."):
-        test = _load_cases(test_folders, plan, work / "test-cache")
+        test = load_segmentation_cases(test_folders, plan, work / "test-cache")
         rows = []
         for server_round in range(plan.federation.rounds + 1):
             arrays = load_model(out_run / "rounds" / f"round-{server_round:03d}.safetensors")
-            scores = _score(plan, build_global_model(plan, arrays), test)
+            scores = score_segmentation(plan, build_global_model(plan, arrays), test)
             rows.append({"round": server_round, **{f"federated_{k}": v for k, v in scores.items()}})
         alone = {home.name: _alone(plan, home, test) for home in homes}
     for row in rows[1:]:

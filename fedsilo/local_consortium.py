@@ -192,14 +192,99 @@ def train_alone(
     return float_state(model), scores
 
 
+@dataclass
+class SegmentationCases:
+    """Preprocessed 3-D cases: volumes (N,1,D,H,W), 0/1 masks of the same shape, and each
+    case's voxel size in mm (N,3, the volume's axis order; HD95 needs it)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    spacing_mm: np.ndarray
+
+
+def load_segmentation_cases(
+    folders: list[Path], plan: TrainingPlan, cache_dir: Path
+) -> SegmentationCases:
+    """Every case of ``folders`` (e.g. a pooled held-out set), preprocessed as the plan asks."""
+    import torch
+
+    from silo_client.data.segmentation_dataset import (
+        VolumePreprocessing,
+        build_segmentation_dataset,
+    )
+
+    window = plan.preprocessing.window
+    prep = VolumePreprocessing(
+        input_size=plan.preprocessing.input_size,
+        window_center=window.center if window else None,
+        window_width=window.width if window else None,
+    )
+    parts = [build_segmentation_dataset(f, prep, cache_dir=cache_dir) for f in folders]
+    return SegmentationCases(
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.masks for p in parts]),
+        np.concatenate([p.spacing_mm.numpy() for p in parts]).astype(np.float64),
+    )
+
+
+def score_segmentation(
+    plan: TrainingPlan, model: torch.nn.Module, cases: SegmentationCases
+) -> dict[str, float]:
+    """The plan's segmentation metrics (loss, dice, dice-case, hd95 when asked) of ``model`` on
+    ``cases``: the silo's own counters, summed as the secure sums would be."""
+    from silo_client.training import segmentation_counters
+    from training_plan.metrics import metrics_from_sums
+
+    counters = segmentation_counters(model, cases.images, cases.masks, cases.spacing_mm, plan)
+    return metrics_from_sums(plan, counters)
+
+
+def train_segmentation_alone(
+    plan: TrainingPlan,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    name: str,
+    test: SegmentationCases,
+    *,
+    every_round: bool = True,
+) -> tuple[dict[str, np.ndarray], list[dict[str, float]]]:
+    """Train one segmentation model on (images, masks) alone with a federated run's budget.
+
+    As :func:`train_alone`: the run's initial weights, then ``rounds`` calls of the silo's own
+    training loop for the plan's task (a fresh optimizer per call), seeded as silo ``name``.
+    Returns the final float state and the metrics on ``test`` after each 'round'
+    (``every_round=False``: after the last one only).
+    """
+    import torch
+
+    from silo_client.local_round import local_trainer, silo_seed
+    from silo_client.training import float_state
+    from training_plan.models import build_plan_model
+
+    torch.manual_seed(plan.training.seed)
+    model = build_plan_model(plan.model)
+    train = local_trainer(plan)
+    scores = []
+    rounds = plan.federation.rounds
+    for server_round in range(1, rounds + 1):
+        train(model, images, masks, plan.training, seed=silo_seed(plan, name, server_round))
+        if every_round or server_round == rounds:
+            scores.append(score_segmentation(plan, model, test))
+    return float_state(model), scores
+
+
 __all__ = [
     "ModelScore",
+    "SegmentationCases",
     "adjust_plan",
     "approve_everywhere",
     "generate_consortium_data",
+    "load_segmentation_cases",
     "pin_roster",
     "plan_preprocessing",
     "score_arrays",
     "score_model",
+    "score_segmentation",
     "train_alone",
+    "train_segmentation_alone",
 ]

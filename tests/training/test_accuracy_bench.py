@@ -1,5 +1,6 @@
-"""bench/accuracy.py --quick in a subprocess: one table and a JSON with every arm, a bar chart,
-and the secure-aggregation run equal to plain FedAvg within the codec's error bound.
+"""bench/accuracy.py --quick in a subprocess (classification, and segmentation): one table and a
+JSON with every arm, a bar chart, and the secure-aggregation run equal to the plain run within the
+codec's error bound.
 
 No accuracy target or timing is asserted (a one-round, tiny-budget run says nothing about them);
 secure vs plain within the bound is a correctness property and is asserted.
@@ -70,7 +71,7 @@ def test_quick_bench_prints_one_table_and_writes_every_arm(tmp_path: Path) -> No
     for target in result["targets"]:
         assert ("PASS" if target["pass"] else "FAIL") + "  " + target["target"] in text
 
-    # secure aggregation vs plain FedAvg, same seeds, same silos: within the codec bound
+    # secure aggregation vs the plain run, same seeds, same silos: within the codec bound
     sp = result["secure_vs_plain"]
     assert 0.0 < sp["codec_bound_per_round"] <= sp["bound_round1"]
     assert sp["max_abs_diff_round1"] <= sp["bound_round1"], sp
@@ -83,12 +84,52 @@ def test_quick_bench_prints_one_table_and_writes_every_arm(tmp_path: Path) -> No
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_quick_segmentation_bench_runs_every_arm_and_secure_matches_plain(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _bench(
+        "--task", "segmentation", "--quick", "--out", str(out), "--workdir", str(tmp_path / "w")
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    result = json.loads((out / "accuracy.json").read_text())
+    assert result["task"] == "segmentation" and result["metric"] == "dice"
+    assert result["metrics"] == ["dice", "hd95"]
+    assert result["test_unit"] == "cases" and result["test_images"] == 6
+    arms = {arm["arm"]: arm for arm in result["arms"]}
+    assert set(arms) == ARMS
+    for arm in arms.values():
+        assert arm["passes_per_example"] == 1
+        assert 0.0 <= arm["metrics"]["dice"] <= 1.0, arm
+        hd95 = arm["metrics"]["hd95"]  # NaN: no case with a predicted and a true lesion
+        assert math.isnan(hd95) or hd95 >= 0.0, arm
+    # each silo trains on its own split; the pooled arm on all of them
+    own = [int(arms[f"alone:hospital-{k}"]["trained_on"].split()[0]) for k in range(3)]
+    assert arms["centralized"]["trained_on"] == f"{sum(own)} pooled"
+    assert [t["target"] for t in result["targets"]] == [
+        "federated (secure) Dice within 0.02 of centralized",
+        "federated (secure) Dice above every hospital alone",
+    ]
+    text = done.stdout
+    assert text.count("┏") == 1, "exactly one table"
+    assert "Dice" in text and "HD95 mm" in text and "(6 cases)" in text
+
+    sp = result["secure_vs_plain"]
+    assert sp["max_abs_diff_round1"] <= sp["bound_round1"], sp
+    assert sp["round1_within_bound"] is True
+    assert sp["largest_round1_change"] > 10 * sp["bound_round1"], sp
+    # the plan's max_weight is the largest silo's training cases (keeps the codec precise)
+    assert sp["codec"]["w_max"] == float(max(own)) and sp["codec"]["silos"] == 3
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--rounds", "0"], "argument --rounds: expected a whole number >= 1, got 0"),
         (["--local-epochs", "two"], "argument --local-epochs: expected a whole number >= 1"),
         (["--task", "detection"], "argument --task: invalid choice: 'detection'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
         (["--strategy-arg", "eta"], "argument --strategy-arg: expected NAME=NUMBER"),
     ],
 )
