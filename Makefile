@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python bench/secure_agg.py
 	$(BIN)/python bench/data.py
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python bench/accuracy.py --out bench-results/accuracy
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python bench/accuracy.py --task segmentation --out bench-results/accuracy-seg
 
 clean:
 	rm -rf $(VENV) fedsilo-demo bench-results .pytest_cache .ruff_cache

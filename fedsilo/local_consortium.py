@@ -14,26 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from silo_client.local_round import plan_preprocessing
 from training_plan import TrainingPlan
 
 if TYPE_CHECKING:
     import torch
 
-    from silo_client.data.dicom_dataset import Preprocessing
     from silo_client.data.synthetic import HospitalSpec
     from silo_client.home import SiloHome
-
-
-def plan_preprocessing(plan: TrainingPlan) -> Preprocessing:
-    """The preprocessing a plan asks for, as the silo's dataset builder takes it."""
-    from silo_client.data.dicom_dataset import Preprocessing
-
-    window = plan.preprocessing.window
-    return Preprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
-    )
 
 
 def adjust_plan(plan: TrainingPlan, **sections: dict) -> TrainingPlan:
@@ -208,17 +196,9 @@ def load_segmentation_cases(
     """Every case of ``folders`` (e.g. a pooled held-out set), preprocessed as the plan asks."""
     import torch
 
-    from silo_client.data.segmentation_dataset import (
-        VolumePreprocessing,
-        build_segmentation_dataset,
-    )
+    from silo_client.data.segmentation_dataset import build_segmentation_dataset
 
-    window = plan.preprocessing.window
-    prep = VolumePreprocessing(
-        input_size=plan.preprocessing.input_size,
-        window_center=window.center if window else None,
-        window_width=window.width if window else None,
-    )
+    prep = plan_preprocessing(plan)
     parts = [build_segmentation_dataset(f, prep, cache_dir=cache_dir) for f in folders]
     return SegmentationCases(
         torch.cat([p.images for p in parts]),
