@@ -9,7 +9,6 @@ the silos' own test splits evaluated once at the end through secure sums (Dice, 
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.artifacts import load_model, read_events
-from fedsilo.demo import DemoError, run_federation
+from fedsilo.demo import DemoError, run_federation, write_outputs
 from fedsilo.local_consortium import (
     SegmentationCases,
     adjust_plan,
@@ -163,48 +162,18 @@ def run_segmentation_demo(settings: SegmentationDemoSettings, console=None) -> d
         "federated_seconds": round(federated_seconds, 1),
         "seed": settings.seed,
     }
-    _write_outputs(out, rows, alone, out_run)
+    write_outputs(
+        out, rows, out_run, "dice",
+        {name: [c["dice"] for c in curve] for name, curve in alone.items()},
+        secure=plan.secure_aggregation.enabled,
+        ylabel="Dice on pooled held-out cases",
+        ylim=(0.0, 1.0),
+        title="fedsilo demo: 3-D lesion segmentation",
+    )  # fmt: skip
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_table(console, rows, local_final, summary)
     return summary
-
-
-def _write_outputs(out: Path, rows: list[dict], alone: dict, out_run: Path) -> None:
-    keys = sorted({k for row in rows for k in row}, key=lambda k: (k != "round", k))
-    with (out / "metrics.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    shutil.copyfile(out_run / "final_model.safetensors", out / "final_model.safetensors")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(
-        [r["round"] for r in rows],
-        [r["federated_dice"] for r in rows],
-        "o-",
-        lw=2.5,
-        label="federated (secure aggregation)",
-    )
-    for name, curve in alone.items():
-        ax.plot(
-            range(1, len(curve) + 1), [c["dice"] for c in curve], "--", alpha=0.8,
-            label=f"{name} alone",
-        )  # fmt: skip
-    ax.set_xticks([r["round"] for r in rows])
-    ax.set_xlabel("round (local-only: same number of local epochs)")
-    ax.set_ylabel("Dice on pooled held-out cases")
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("fedsilo demo: 3-D lesion segmentation")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png")
-    plt.close(fig)
 
 
 def _print_table(console, rows: list[dict], local_final: dict, summary: dict) -> None:
