@@ -416,12 +416,12 @@ def prepare_segmentation(cfg: BenchConfig, work: Path) -> TaskSetup:
     from fedsilo.local_consortium import (
         adjust_plan,
         approve_everywhere,
+        generate_segmentation_consortium,
         load_segmentation_cases,
         pin_roster,
         score_segmentation,
         train_segmentation_alone,
     )
-    from silo_client.data.synthetic import generate_segmentation_hospitals
     from silo_client.home import init_silo_home
     from silo_client.local_round import build_global_model, load_local_data
     from training_plan import load_plan
@@ -436,21 +436,14 @@ def prepare_segmentation(cfg: BenchConfig, work: Path) -> TaskSetup:
         training={**_training_section(cfg), "test_fraction": 0.0},
         federation={**_federation_section(cfg), "evaluate_every": 0, "final_evaluation": False},
     )
-    folders = generate_segmentation_hospitals(
-        work / "hospitals",
-        n_hospitals=cfg.hospitals,
+    folders, test_folders = generate_segmentation_consortium(
+        work,
+        hospitals=cfg.hospitals,
         cases_per_hospital=cfg.images_per_hospital,
+        test_cases_per_hospital=max(1, cfg.test_images // cfg.hospitals),
         size=size,
         slices=slices,
         seed=cfg.seed,
-    )
-    test_folders = generate_segmentation_hospitals(
-        work / "pooled-test",
-        n_hospitals=cfg.hospitals,
-        cases_per_hospital=max(1, cfg.test_images // cfg.hospitals),
-        size=size,
-        slices=slices,
-        seed=cfg.seed + 10_000,
     )
     homes = [init_silo_home(work / "silos" / f.name, f.name, f) for f in folders]
     pin_roster(homes)

@@ -23,6 +23,7 @@ from fedsilo.local_consortium import (
     SegmentationCases,
     adjust_plan,
     approve_everywhere,
+    generate_segmentation_consortium,
     load_segmentation_cases,
     pin_roster,
     score_segmentation,
@@ -64,8 +65,6 @@ def run_segmentation_demo(settings: SegmentationDemoSettings, console=None) -> d
     """Run the segmentation demo; returns the summary also written to summary.json."""
     from rich.console import Console
 
-    from silo_client.data.synthetic import generate_segmentation_hospitals
-
     console = console or Console()
     started = time.monotonic()
     out = settings.out.resolve()
@@ -87,21 +86,14 @@ def run_segmentation_demo(settings: SegmentationDemoSettings, console=None) -> d
     plan_path.write_text(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False))
 
     with console.status("Generating synthetic CT hospitals (DICOM series, SEG and NIfTI)..."):
-        folders = generate_segmentation_hospitals(
-            work / "hospitals",
-            n_hospitals=settings.hospitals,
+        folders, test_folders = generate_segmentation_consortium(
+            work,
+            hospitals=settings.hospitals,
             cases_per_hospital=settings.cases_per_hospital,
+            test_cases_per_hospital=settings.test_cases_per_hospital,
             size=CASE_SIZE,
             slices=SLICES,
             seed=settings.seed,
-        )
-        test_folders = generate_segmentation_hospitals(
-            work / "pooled-test",
-            n_hospitals=settings.hospitals,
-            cases_per_hospital=settings.test_cases_per_hospital,
-            size=CASE_SIZE,
-            slices=SLICES,
-            seed=settings.seed + 10_000,
         )
     homes = [init_silo_home(work / "silos" / f.name, f.name, f) for f in folders]
     pin_roster(homes)

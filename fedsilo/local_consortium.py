@@ -72,6 +72,36 @@ def generate_consortium_data(
     return specs, test_dir
 
 
+def generate_segmentation_consortium(
+    out: Path,
+    *,
+    hospitals: int,
+    cases_per_hospital: int,
+    test_cases_per_hospital: int,
+    size: int,
+    slices: tuple[int, int],
+    seed: int,
+) -> tuple[list[Path], list[Path]]:
+    """Synthetic CT hospitals in ``out/hospitals/<name>`` and a pooled held-out set of cases
+    from the same scanners (another seed) in ``out/pooled-test/<name>``."""
+    from silo_client.data.synthetic import generate_segmentation_hospitals
+
+    def generate(folder: str, cases: int, data_seed: int) -> list[Path]:
+        return generate_segmentation_hospitals(
+            out / folder,
+            n_hospitals=hospitals,
+            cases_per_hospital=cases,
+            size=size,
+            slices=slices,
+            seed=data_seed,
+        )
+
+    return (
+        generate("hospitals", cases_per_hospital, seed),
+        generate("pooled-test", test_cases_per_hospital, seed + 10_000),
+    )
+
+
 def pin_roster(homes: list[SiloHome]) -> None:
     """Give each silo an identity key and its own pinned copy of the roster of all silos.
 
@@ -259,6 +289,7 @@ __all__ = [
     "adjust_plan",
     "approve_everywhere",
     "generate_consortium_data",
+    "generate_segmentation_consortium",
     "load_segmentation_cases",
     "pin_roster",
     "plan_preprocessing",
