@@ -54,7 +54,20 @@ class DemoSettings:
     timeout: float = 1200.0
 
 
-def _plan_for_demo(settings: DemoSettings, workdir: Path) -> tuple[TrainingPlan, Path]:
+def fresh_workdir(out: Path) -> tuple[Path, Path]:
+    """(``out`` resolved, an emptied ``out/work``): a demo never mixes with a previous run."""
+    out = out.resolve()
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return out, work
+
+
+def plan_for_demo(settings, workdir: Path) -> tuple[TrainingPlan, Path]:
+    """The settings' plan for this many hospitals (min_silos), rounds and seed, written to
+    ``workdir/plan.yaml`` (what the ServerApp is given). Any demo's settings object with
+    ``plan_path``, ``hospitals``, ``rounds`` and ``seed`` will do."""
     federation = {"min_silos": settings.hospitals}
     if settings.rounds:
         federation["rounds"] = settings.rounds
@@ -96,12 +109,8 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
 
     console = console or Console()
     started = time.monotonic()
-    out = settings.out.resolve()
-    work = out / "work"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    plan, plan_path = _plan_for_demo(settings, work)
+    out, work = fresh_workdir(settings.out)
+    plan, plan_path = plan_for_demo(settings, work)
 
     with console.status("Generating synthetic hospitals (DICOM)..."):
         specs, test_dir = generate_consortium_data(

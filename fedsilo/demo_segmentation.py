@@ -10,7 +10,6 @@ the silos' own test splits evaluated once at the end through secure sums (Dice, 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from aggregator.artifacts import load_model, read_events
-from fedsilo.demo import DemoError, run_federation, write_outputs
+from fedsilo.demo import DemoError, fresh_workdir, plan_for_demo, run_federation, write_outputs
 from fedsilo.local_consortium import (
     SegmentationCases,
-    adjust_plan,
     approve_everywhere,
     generate_segmentation_consortium,
     load_segmentation_cases,
@@ -30,7 +28,7 @@ from fedsilo.local_consortium import (
     train_segmentation_alone,
 )
 from silo_client.home import init_silo_home
-from training_plan import TrainingPlan, load_plan
+from training_plan import TrainingPlan
 
 SEGMENTATION_PLAN = Path(__file__).resolve().parent / "plans" / "demo-segmentation.yaml"
 CASE_SIZE = 48
@@ -67,23 +65,10 @@ def run_segmentation_demo(settings: SegmentationDemoSettings, console=None) -> d
 
     console = console or Console()
     started = time.monotonic()
-    out = settings.out.resolve()
-    work = out / "work"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    federation = {"min_silos": settings.hospitals}
-    if settings.rounds:
-        federation["rounds"] = settings.rounds
-    plan = adjust_plan(
-        load_plan(settings.plan_path), federation=federation, training={"seed": settings.seed}
-    )
+    out, work = fresh_workdir(settings.out)
+    plan, plan_path = plan_for_demo(settings, work)
     if plan.task != "segmentation":
         raise DemoError(f"{settings.plan_path} is a {plan.task} plan; pass a segmentation plan")
-    import yaml
-
-    plan_path = work / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False))
 
     with console.status("Generating synthetic CT hospitals (DICOM series, SEG and NIfTI)..."):
         folders, test_folders = generate_segmentation_consortium(
