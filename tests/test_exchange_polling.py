@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -147,3 +148,14 @@ def test_a_bad_supernode_poll_setting_stops_with_one_line() -> None:
         "fedsilo: FEDSILO_SUPERNODE_POLL_INTERVAL='often' is not a number of seconds between "
         "0.01 and 60; unset it for fedsilo's default"
     ]
+
+
+def test_cluster_runs_fedsilos_polls_unless_asked_for_flowers(tmp_path: Path) -> None:
+    from aggregator.pki import TlsFiles
+    from fedsilo.flower_processes import FLOWER_DEFAULT_LATENCIES, FlowerCluster
+
+    tls = TlsFiles(*(tmp_path / n for n in ("ca", "cert", "key")))
+    fast = FlowerCluster(tmp_path, tls, port=1).env(tmp_path / "home")
+    assert all(fast.get(k) == os.environ.get(k) for k in FLOWER_DEFAULT_LATENCIES)
+    slow = FlowerCluster(tmp_path, tls, port=1, flower_defaults=True).env(tmp_path / "home")
+    assert {k: slow[k] for k in FLOWER_DEFAULT_LATENCIES} == FLOWER_DEFAULT_LATENCIES
