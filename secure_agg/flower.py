@@ -129,8 +129,18 @@ def pull_intervals() -> tuple[float, float]:
     return fixed, fixed
 
 
+def pulls_every_three_seconds(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower 1.42's deployment Grid (``HttpGrid``), whose
+    ``send_and_receive`` sleeps a hard-coded 3 s between pulls. Other grids keep their own:
+    the simulation's ``InMemoryGrid`` has a configurable ``pull_interval``, and an in-process
+    test grid answers while pushing."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)
+
+
 def send_and_receive(
-    grid: Grid, messages: Iterable[Message], *, timeout: float | None
+    grid: Grid, messages: Iterable[Message], *, timeout: float | None, own_loop: bool | None = None
 ) -> list[Message]:
     """Push ``messages`` and pull their replies until all arrived or ``timeout`` (None: no limit).
 
@@ -138,8 +148,11 @@ def send_and_receive(
     exchange of a secure round (six per phase) cost seconds of pure waiting. This uses the public
     ``push_messages``/``pull_messages`` with a short interval that backs off while nothing
     arrives (a long local training is not polled 50 times a second) and snaps back after each
-    reply. A message the SuperLink did not accept (``None`` id) is not waited for.
+    reply. A message the SuperLink did not accept (``None`` id) is not waited for. ``own_loop``
+    (default: :func:`pulls_every_three_seconds`) chooses this loop over the grid's own method.
     """
+    if not (pulls_every_three_seconds(grid) if own_loop is None else own_loop):
+        return list(grid.send_and_receive(messages, timeout=timeout))
     first, longest = pull_intervals()
     waiting = {i for i in grid.push_messages(messages) if i is not None}
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -72,7 +72,7 @@ def _messages(grid: SlowGrid, nodes: list[int]) -> list[Message]:
 
 def test_all_replies_arrive_and_only_missing_ones_are_pulled_again() -> None:
     grid = _grid([1, 2, 3], ready_after={1: 0, 2: 3, 3: 6})
-    replies = send_and_receive(grid, _messages(grid, [1, 2, 3]), timeout=60)
+    replies = send_and_receive(grid, _messages(grid, [1, 2, 3]), timeout=60, own_loop=True)
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
     assert grid.pulls == 7  # stops at the pull that brought the last reply
     assert [len(ids) for ids in grid.asked] == [3, 2, 2, 2, 1, 1, 1]
@@ -81,7 +81,7 @@ def test_all_replies_arrive_and_only_missing_ones_are_pulled_again() -> None:
 def test_a_silent_node_ends_at_the_deadline_with_the_replies_that_came() -> None:
     grid = _grid([1, 2], ready_after={2: 10**9})
     started = time.monotonic()
-    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=0.5)
+    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=0.5, own_loop=True)
     assert [r.metadata.src_node_id for r in replies] == [1]
     assert time.monotonic() - started < 30  # returned (bounded), no timing claim
 
@@ -89,8 +89,18 @@ def test_a_silent_node_ends_at_the_deadline_with_the_replies_that_came() -> None
 def test_a_message_the_superlink_refused_is_not_waited_for() -> None:
     # Flower 1.42's send_and_receive keeps None among the ids and waits the whole timeout.
     grid = _grid([1, 2], ready_after={}, rejected={2})
-    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=None)
+    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=None, own_loop=True)
     assert [r.metadata.src_node_id for r in replies] == [1]
+
+
+def test_only_flowers_deployment_grid_gets_the_short_loop() -> None:
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from secure_agg.flower import pulls_every_three_seconds
+
+    grid = _grid([1], ready_after={})
+    assert not pulls_every_three_seconds(grid)  # in process: answered while pushed
+    assert pulls_every_three_seconds(HttpGrid.__new__(HttpGrid))
 
 
 def test_pull_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
