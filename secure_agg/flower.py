@@ -129,6 +129,16 @@ def pull_intervals() -> tuple[float, float]:
     return fixed, fixed
 
 
+UNAVAILABLE_RETRIES = 20
+"""How often a reply whose objects were not yet uploaded is pulled again before it counts."""
+
+
+def _not_uploaded_yet(message: Message) -> bool:
+    from flwr.common.constant import ErrorCode
+
+    return message.has_error() and message.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+
+
 def pulls_every_three_seconds(grid: Grid) -> bool:
     """Whether ``grid`` is Flower 1.42's deployment Grid (``HttpGrid``), whose
     ``send_and_receive`` sleeps a hard-coded 3 s between pulls. Other grids keep their own:
@@ -158,8 +168,18 @@ def send_and_receive(
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     interval = first
+    unavailable: dict[str, int] = {}
     while waiting:
-        got = list(grid.pull_messages(waiting))
+        got = []
+        for message in grid.pull_messages(waiting):
+            asked = message.metadata.reply_to_message_id
+            if _not_uploaded_yet(message) and unavailable.get(asked, 0) < UNAVAILABLE_RETRIES:
+                # Flower's HttpGrid answers a reply whose objects it could not pull (the silo's
+                # upload still running) with an error of its own, without confirming it: the
+                # reply stays on the SuperLink, so pull it again instead of losing the silo.
+                unavailable[asked] = unavailable.get(asked, 0) + 1
+                continue
+            got.append(message)
         replies.extend(got)
         waiting.difference_update(m.metadata.reply_to_message_id for m in got)
         if not waiting:

@@ -93,6 +93,38 @@ def test_a_message_the_superlink_refused_is_not_waited_for() -> None:
     assert [r.metadata.src_node_id for r in replies] == [1]
 
 
+class UploadingGrid(SlowGrid):
+    """Like Flower 1.42's HttpGrid while a silo's upload runs: the first pulls of node 2's reply
+    give Flower's own MESSAGE_UNAVAILABLE error (sent from the server's node, not confirmed)."""
+
+    def __init__(self, apps, unavailable_pulls: int):
+        super().__init__(apps, ready_after={})
+        self.unavailable_pulls = unavailable_pulls
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        ids = set(message_ids)
+        pending = [i for i in ids if i in self._inbox and self._inbox[i].metadata.src_node_id == 2]
+        if pending and self.unavailable_pulls > 0:
+            self.unavailable_pulls -= 1
+            ids -= set(pending)
+            error = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="uploading"),
+                            reply_to=self._inbox[pending[0]])  # fmt: skip
+            error.metadata.__dict__["_reply_to_message_id"] = pending[0]
+            return [*super().pull_messages(ids), error]
+        return super().pull_messages(ids)
+
+
+def test_a_reply_still_uploading_is_pulled_again_not_lost() -> None:
+    grid = _grid([1, 2], ready_after={})
+    grid = UploadingGrid(grid.apps, unavailable_pulls=3)
+    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=60, own_loop=True)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    assert not any(r.has_error() for r in replies)
+
+
 def test_only_flowers_deployment_grid_gets_the_short_loop() -> None:
     from flwr.superlink.grid.http_grid import HttpGrid
 
