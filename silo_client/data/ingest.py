@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from silo_client.data.catalogue import (
     reason_category,
 )
 from silo_client.data.dicom_read import read_dicom
+from silo_client.data.file_probe import truncation
 from silo_client.data.labels_csv import LabelFileWording, read_label_csv
 from silo_client.errors import DataError
 
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MARKER_FILE = "fedsilo-dataset.json"
 _BATCH = 256
+_COMMIT_S = 1.0  # at most this much reading is lost to an interrupt
 _SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 # Words in a SOP class name -> what the object is, for precise skip reasons.
@@ -82,10 +85,16 @@ def managed_folder(home_root: Path, name: str) -> Path:
 # ------------------------------------------------------------------------------------ files
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else type(exc).__name__
-    return msg if len(msg) <= 160 else msg[:157] + "..."
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    msg = text or type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _decode_cause(exc: BaseException) -> str:
+    """A decoder's failure on one line, with the cause pydicom puts on its later lines (which
+    plugin is missing, or what the codec said: 'needs ...', '12-bit ...'), not just the head."""
+    return _one_line(exc, limit=400)
 
 
 def _num(ds: DicomDataset, keyword: str, index: int = 0) -> float | None:
@@ -142,7 +151,8 @@ def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         if other:
             return None, f"unsupported {other[0]} (only integer PixelData is used)"
-        return None, "no pixel data (tag (7FE0,0010) PixelData is absent)"
+        absent = "no pixel data (tag (7FE0,0010) PixelData is absent)"
+        return None, truncation(getattr(ds, "filename", None)) or absent
     if not str(ds.get("StudyInstanceUID", "") or "").strip():
         return None, "no StudyInstanceUID (needed to match labels and group studies)"
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -164,7 +174,10 @@ def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
         raw = ds.pixel_array
     except Exception as exc:
         where = f" in {UID(str(syntax)).name}" if syntax else ""
-        return None, f"pixel data{where} cannot be decoded ({_one_line(exc)})"
+        truncated = truncation(getattr(ds, "filename", None))
+        if truncated:
+            return None, truncated
+        return None, f"pixel data{where} cannot be decoded ({_decode_cause(exc)})"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1 and raw.ndim == 3:
         stack = raw
@@ -319,23 +332,112 @@ class IngestSummary:
         }
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, str, os.stat_result]]:
-    """Every regular file under ``root`` (sorted, relative POSIX paths), skipping our marker."""
-    entries: list[tuple[str, Path, os.stat_result]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+@dataclass(frozen=True)
+class WalkEntry:
+    """One thing found under an ingested folder: a regular file to read, or something that
+    cannot be read (a dangling symlink, a symlink loop, an unreadable folder) with ``reason``.
+
+    ``rel`` is the path relative to the root as the catalogue stores it (:func:`stored_path`);
+    ``size``/``mtime_ns`` come from the file (or, for what cannot be followed, the link or
+    folder itself), so a re-run sees an unchanged entry as unchanged.
+    """
+
+    path: Path
+    rel: str
+    size: int
+    mtime_ns: int
+    reason: str | None = None
+
+
+def stored_path(rel: str) -> str:
+    """How a relative path is stored in the catalogue (SQLite text is UTF-8).
+
+    A file name that is not valid UTF-8 reaches Python surrogate-escaped (os.fsdecode); such
+    a name is stored with its undecodable bytes written as ``\\xNN``, so the file is recorded
+    (and shown to the operator) instead of crashing the batch.
+    """
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _entry(path: Path, root: Path, st: os.stat_result, reason: str | None = None) -> WalkEntry:
+    rel = stored_path(path.relative_to(root).as_posix())
+    return WalkEntry(path, rel, st.st_size, st.st_mtime_ns, reason)
+
+
+def _link_reason(path: Path, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (the link resolves to itself); fix or remove the link"
+    if exc.errno == errno.ENOENT:
+        target = os.readlink(path) if path.is_symlink() else "?"
+        return (f"dangling symbolic link (its target {stored_path(target)} does not exist); "
+                "fix or remove the link")  # fmt: skip
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def _walk(root: Path) -> Iterator[WalkEntry]:
+    """Everything under ``root`` (sorted by relative path), skipping our marker: regular files,
+    and, with a reason, what cannot be read, so nothing under the folder goes unaccounted for.
+
+    Folder symlinks are followed (exports often link series folders) but a folder already
+    visited on this walk (a symlink loop or a second link to it) is recorded, not entered again.
+    """
+    entries: list[WalkEntry] = []
+    root_st = root.stat()
+    visited = {(root_st.st_dev, root_st.st_ino)}
+
+    def unreadable(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else root
+        try:
+            st = where.lstat()
+        except OSError:
+            return
+        why = err.strerror or type(err).__name__
+        entries.append(_entry(where, root, st, f"folder cannot be read ({why}); its files are "
+                                                "not looked at: fix its permissions"))  # fmt: skip
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        here = Path(dirpath)
+        keep = []
+        for dname in sorted(dirnames):
+            sub = here / dname
+            try:
+                st = sub.stat()
+            except OSError as exc:  # a link to a folder that is gone or loops
+                entries.append(_entry(sub, root, sub.lstat(), _link_reason(sub, exc)))
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                entries.append(_entry(sub, root, sub.lstat(), (
+                    "symbolic link to a folder already looked at on this walk (a loop or a "
+                    "second link to it); its files are counted once")))  # fmt: skip
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            keep.append(dname)
+        dirnames[:] = keep
         for fname in filenames:
-            path = Path(dirpath) / fname
+            path = here / fname
+            if path == root / MARKER_FILE:
+                continue
             try:
                 st = path.stat()
-            except OSError:
+            except OSError as exc:
+                try:
+                    entries.append(_entry(path, root, path.lstat(), _link_reason(path, exc)))
+                except OSError:
+                    pass  # removed while we looked: nothing to account for
                 continue
-            rel = path.relative_to(root).as_posix()
-            if rel == MARKER_FILE:
+            if not stat.S_ISREG(st.st_mode):
+                what = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+                entries.append(_entry(path, root, path.lstat(), f"{what}; not read"))
                 continue
-            entries.append((rel, path, st))
-    for rel, path, st in sorted(entries, key=lambda e: e[0]):
-        yield path, rel, st
+            entries.append(_entry(path, root, st))
+    entries.sort(key=lambda e: e.rel)
+    yield from entries
 
 
 def ingest_folder(
@@ -346,9 +448,10 @@ def ingest_folder(
 ) -> IngestSummary:
     """Record every file under ``root`` not yet recorded (or changed) for dataset ``name``.
 
-    Commits every few hundred files; files recorded before with the same size and mtime are
-    not read again, records of files that vanished are dropped. ``progress(done, total)``
-    is called as files are processed.
+    Commits every few hundred files or every second, whichever comes first, and what was
+    read when an error or an interrupt stops the ingest: a re-run loses nothing and does not
+    read again a file recorded with the same size and mtime. Records of files that vanished
+    are dropped. ``progress(done, total)`` is called as files are processed.
     """
     started = time.perf_counter()
     summary = IngestSummary(name=name)
@@ -356,42 +459,56 @@ def ingest_folder(
     sops = catalogue.ok_sops(name)
     files = list(_walk(root))
     summary.files = len(files)
-    present = {rel for _, rel, _ in files}
+    present = {e.rel for e in files}
     gone = [p for p in known if p not in present]
     if gone:
         catalogue.forget_files(name, gone)
         summary.removed = len(gone)
-        sops = {s: p for s, p in sops.items() if p not in set(gone)}
+        gone_set = set(gone)
+        sops = {s: p for s, p in sops.items() if p not in gone_set}
     batch: list[FileRecord] = []
-    for done, (path, rel, st) in enumerate(files, start=1):
-        if known.get(rel) == (st.st_size, st.st_mtime_ns):
-            summary.unchanged += 1
-        else:
-            record = inspect_file(path, rel, st.st_size, st.st_mtime_ns)
-            if record.status == "ok" and record.sop_uid:
-                first = sops.get(record.sop_uid)
-                if first is not None and first != rel:
-                    record = FileRecord(
-                        rel, st.st_size, st.st_mtime_ns, "skipped",
-                        f"duplicate of {first} (same SOPInstanceUID)",
-                    )  # fmt: skip
-                else:
-                    sops[record.sop_uid] = rel
-            if record.status == "ok":
-                summary.new_ok += 1
+    last_commit = time.monotonic()
+    try:
+        for done, entry in enumerate(files, start=1):
+            if known.get(entry.rel) == (entry.size, entry.mtime_ns):
+                summary.unchanged += 1
             else:
-                summary.new_skipped += 1
-                key = reason_category(record.reason or "")
-                summary.reasons[key] = summary.reasons.get(key, 0) + 1
-            batch.append(record)
-            if len(batch) >= _BATCH:
-                catalogue.record_files(name, batch)
-                batch = []
-        if progress is not None:
-            progress(done, len(files))
-    catalogue.record_files(name, batch)
+                record = _record(entry, sops)
+                if record.status == "ok":
+                    summary.new_ok += 1
+                else:
+                    summary.new_skipped += 1
+                    key = reason_category(record.reason or "")
+                    summary.reasons[key] = summary.reasons.get(key, 0) + 1
+                batch.append(record)
+                if len(batch) >= _BATCH or time.monotonic() - last_commit >= _COMMIT_S:
+                    catalogue.record_files(name, batch)
+                    batch, last_commit = [], time.monotonic()
+            if progress is not None:
+                progress(done, len(files))
+    finally:  # an error or Ctrl-C keeps what was already read
+        catalogue.record_files(name, batch)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _record(entry: WalkEntry, sops: dict[str, str]) -> FileRecord:
+    """The record of one walked entry (``sops``: SOPInstanceUID -> first path, updated)."""
+    rel, size, mtime = entry.rel, entry.size, entry.mtime_ns
+    if entry.reason is not None:
+        return FileRecord(rel, size, mtime, "skipped", entry.reason)
+    record = inspect_file(entry.path, rel, size, mtime)
+    if record.status == "ok" and stored_path(str(entry.path)) != str(entry.path):
+        return FileRecord(rel, size, mtime, "skipped", (
+            "file name is not valid UTF-8 (undecodable bytes shown as \\xNN); a DICOM image, "
+            "rename the file (or its folder) to UTF-8 to use it"))  # fmt: skip
+    if record.status == "ok" and record.sop_uid:
+        first = sops.get(record.sop_uid)
+        if first is not None and first != rel:
+            return FileRecord(rel, size, mtime, "skipped",
+                              f"duplicate of {first} (same SOPInstanceUID)")  # fmt: skip
+        sops[record.sop_uid] = rel
+    return record
 
 
 def _write_marker(folder: Path, catalogue: Catalogue, name: str) -> None:
