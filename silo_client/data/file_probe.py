@@ -43,9 +43,10 @@ def dicom_prefix(path: Path) -> str:
         group, element = struct.unpack(f"{order}HH", head[:4])
         # A dataset starts with its lowest group: file meta (0002), identification (0008),
         # or, in a stripped export, the first group that survived (even, below pixel data).
-        if group in (0x0002, 0x0008) or (group % 2 == 0 and 0x0008 < group <= 0x0028):
-            if element != 0 or group in (0x0002, 0x0008):
-                return "raw"
+        if group in (0x0002, 0x0008) or (
+            group % 2 == 0 and 0x0008 < group <= 0x0028 and element != 0
+        ):
+            return "raw"
     return "no"
 
 

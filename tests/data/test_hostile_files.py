@@ -105,8 +105,8 @@ def test_unreadable_folder_is_recorded(home: SiloHome, tmp_path: Path) -> None:
     os.chmod(folder / "locked", 0)
     try:
         cmd = [setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
-               "from silo_client.cli import main; main()", "data", "add", "d", "--dicom-dir", str(folder), "--home",
-               str(home.root), "--json"]  # fmt: skip
+               "from silo_client.cli import main; main()", "data", "add", "d", "--dicom-dir",
+               str(folder), "--home", str(home.root), "--json"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                               cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     finally:
