@@ -46,6 +46,7 @@ from silo_client.errors import DataError
 __all__ = [
     "MARKER_FILE",
     "IngestSummary",
+    "PullResult",
     "ingest_folder",
     "inspect_file",
     "load_frames",
@@ -66,6 +67,7 @@ _NON_IMAGE_KINDS: tuple[tuple[str, str], ...] = (
     ("SR Storage", "a structured report (SR)"),
     ("Presentation State", "a presentation state"),
     ("RT Plan", "an RT plan"),
+    ("RT Ion Plan", "an RT ion plan"),
     ("RT Structure Set", "an RT structure set"),
     ("RT Dose", "an RT dose grid"),
     ("Key Object Selection", "a key object selection (KOS)"),
@@ -308,6 +310,7 @@ class IngestSummary:
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     catalogue: dict[str, Any] = field(default_factory=dict)
+    undelivered: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -328,8 +331,19 @@ class IngestSummary:
             "seconds": round(self.seconds, 3),
             "files_per_second": round(self.rate, 1),
             "new_skip_reasons": self.reasons,
+            "undelivered": [{"sop_uid": s, "reason": r} for s, r in self.undelivered],
             "catalogue": self.catalogue,
         }
+
+
+@dataclass
+class PullResult:
+    """What a PACS pull did: instances written, the instances the PACS listed for the query
+    but did not deliver as (SOPInstanceUID, why), and how many the query selects."""
+
+    written: int
+    undelivered: list[tuple[str, str]] = field(default_factory=list)
+    listed: int = 0
 
 
 @dataclass(frozen=True)
@@ -531,13 +545,16 @@ def register_dataset(
     key_tag: str = "StudyInstanceUID",
     query: str = "",
     progress: Callable[[int, int], None] | None = None,
-    pull: Callable[[Catalogue], int] | None = None,
+    pull: Callable[[Catalogue], PullResult | int] | None = None,
 ) -> IngestSummary:
     """Register (or refresh) dataset ``name`` of silo home ``home`` and ingest what is new.
 
     Validates the labels file first (errors before any file is read), records the dataset,
     runs ``pull`` (a PACS retrieval into ``files_root``) if given, ingests the folder, and
-    maps ``name`` to its managed folder in ``silo.json``.
+    maps ``name`` to its managed folder in ``silo.json``. Instances the PACS listed but did
+    not deliver are recorded with the reason (``summary.undelivered``); what arrived is used.
+    A pull that fails (PACS gone, credentials refused) keeps the files it wrote and the
+    dataset (state ``ingesting``): run the same command again to resume, or remove it.
     """
     _check_name(name)
     if key_tag not in KEY_TAGS:
@@ -568,21 +585,60 @@ def register_dataset(
         )  # fmt: skip
         if labels is not None:
             catalogue.set_labels(name, labels)
-        try:
-            pulled = pull(catalogue) if pull is not None else 0
-        except DataError:
-            if old is None and not catalogue.known_files(name):
-                catalogue.remove(name)  # a first pull that fetched nothing registers nothing
-            raise
+        result = _run_pull(pull, catalogue, name, files_root, first=old is None)
         files_root.mkdir(parents=True, exist_ok=True)
         summary = ingest_folder(catalogue, name, files_root, progress)
-        summary.pulled = pulled
+        summary.pulled = result.written
+        summary.undelivered = result.undelivered
+        if pull is not None:
+            catalogue.record_undelivered(name, result.undelivered)
         catalogue.set_state(name, "complete")
         summary.catalogue = catalogue.summary(name)
         _write_marker(folder, catalogue, name)
     home.datasets[name] = str(folder)
     home.save()
     return summary
+
+
+def _files_in(folder: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def _run_pull(
+    pull: Callable[[Catalogue], PullResult | int] | None,
+    catalogue: Catalogue,
+    name: str,
+    files_root: Path,
+    first: bool,
+) -> PullResult:
+    """Run the pull step; a failure says what was kept and how to resume or remove."""
+    if pull is None:
+        return PullResult(0)
+    try:
+        outcome = pull(catalogue)
+    except DataError as exc:
+        kept = _files_in(files_root)
+        if first and not kept and not catalogue.known_files(name):
+            catalogue.remove(name)  # a first pull that fetched nothing registers nothing
+            raise
+        raise DataError(
+            f"{exc}; the dataset '{name}' keeps the {kept} file(s) retrieved so far (state "
+            f"'ingesting'): run the same 'silo data add' again to resume, or "
+            f"'silo data remove {name}'"
+        ) from None
+    result = outcome if isinstance(outcome, PullResult) else PullResult(int(outcome))
+    if result.undelivered and not result.written and not _files_in(files_root):
+        if first:
+            catalogue.remove(name)
+        sop, why = result.undelivered[0]
+        raise DataError(
+            f"the PACS listed {len(result.undelivered)} instance(s) for the query but delivered "
+            f"none (e.g. {sop}: {why}); check the PACS's log"
+        )
+    return result
 
 
 def _check_name(name: str) -> None:
@@ -598,16 +654,19 @@ def remove_dataset(home: Any, name: str) -> int:
     """Forget dataset ``name`` (catalogue rows, managed folder, silo.json entry).
 
     The hospital's own DICOM folder is never touched; files a PACS pull wrote into the
-    managed folder are deleted. Returns the number of catalogue file records dropped.
+    managed folder are deleted. Works on a half-registered dataset too (a pull that failed,
+    or an entry only in ``silo.json``). Returns the number of catalogue file records dropped.
     """
     import shutil
 
-    with Catalogue.of_home(home.root) as catalogue:
-        record = catalogue.require(name)
-        n = catalogue.remove(name)
     folder = managed_folder(home.root, name)
+    with Catalogue.of_home(home.root) as catalogue:
+        record = catalogue.dataset(name)
+        if record is None and not folder.is_dir() and name not in home.datasets:
+            catalogue.require(name)  # the one-line error naming the registered datasets
+        n = catalogue.remove(name)
     if folder.is_dir():
-        if record.source_kind == "dicom-dir":
+        if record is not None and record.source_kind == "dicom-dir":
             (folder / MARKER_FILE).unlink(missing_ok=True)
             try:
                 folder.rmdir()
