@@ -33,8 +33,8 @@ def _mixed_files(root: Path) -> list[Path]:
     Plan, a 12-lead ECG and an MPEG-2 endoscopy video (modality ES)."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
-        JPEG2000Lossless,
         MPEG2MPML,
+        JPEG2000Lossless,
         MRImageStorage,
         RTDoseStorage,
         RTIonPlanStorage,
@@ -130,8 +130,9 @@ def test_dimse_pull_fetches_every_class_and_names_what_it_cannot(
 def test_nothing_delivered_is_one_clear_error(mixed_pacs: Orthanc, tmp_path: Path,
                                               capsys, monkeypatch) -> None:  # fmt: skip
     home = init_silo_home(tmp_path / "home", "site-a")
-    monkeypatch.setattr(sys, "argv", ["silo", "data", "add", "video", *_dimse(mixed_pacs),
-                                      "--query", "Modality=ES", "--home", str(home.root)])  # fmt: skip
+    argv = ["silo", "data", "add", "video", *_dimse(mixed_pacs), "--query", "Modality=ES",
+            "--home", str(home.root)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == 2
