@@ -207,8 +207,13 @@ def show(
         skipped = catalogue.skipped(name)
         undelivered = catalogue.undelivered(name)
     if as_json:
-        _emit({**summary, "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
-               "undelivered_instances": [{"sop_uid": u, "reason": r} for u, r in undelivered]})
+        _emit(
+            {
+                **summary,
+                "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
+                "undelivered_instances": [{"sop_uid": u, "reason": r} for u, r in undelivered],
+            }
+        )
         return
     s = summary
     head = f"dataset '{name}' ({s['source_kind']}) {s['source']} ({s['state']})"

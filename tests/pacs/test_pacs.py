@@ -187,9 +187,7 @@ def test_dimse_proposes_the_classes_the_find_lists(big_pacs: tuple[Orthanc, int]
     assert (out["pulled"], out["files"], out["undelivered"]) == (1, 1, [])
 
 
-def test_dicomweb_instance_gone_before_retrieval_is_named(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_dicomweb_instance_gone_before_retrieval_is_named(tmp_path: Path, monkeypatch) -> None:
     """An instance deleted on the PACS between QIDO-RS and WADO-RS: the series answer lacks it,
     the one-by-one retry gets 404; the rest is registered, the missing one named with why."""
     import requests
