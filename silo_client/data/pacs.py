@@ -482,6 +482,10 @@ def _park_reactor(assoc: Any) -> _ParkedReactor | None:
     return parked
 
 
+class _GetRefused(DataError):
+    """The PACS answered a C-GET with a refusal status (not: stopped answering)."""
+
+
 @dataclass
 class _GetOutcome:
     """What one C-GET did: the PACS's final counts and the instances that arrived."""
@@ -708,7 +712,7 @@ def _retrieve(
             batch = wanted[i : i + _GET_BATCH]
             try:
                 _get(assoc, Get, "IMAGE", {"SOPInstanceUID": batch if len(batch) > 1 else batch[0]})
-            except DataError:  # a PACS that takes one UID per C-GET: the retry below does
+            except _GetRefused:  # a PACS that takes one UID per C-GET: the retry below does
                 log.info("C-GET of %d UIDs refused; asking one by one", len(batch))
         for study, series in short_series:
             whole[0] = True
@@ -720,9 +724,13 @@ def _retrieve(
             if sop in written:
                 continue
             where = listing[sop]
-            outcome = _get(assoc, Get, "IMAGE", {"StudyInstanceUID": where.study,
-                                                 "SeriesInstanceUID": where.series,
-                                                 "SOPInstanceUID": sop})  # fmt: skip
+            keys = {"StudyInstanceUID": where.study, "SeriesInstanceUID": where.series,
+                    "SOPInstanceUID": sop}  # fmt: skip
+            try:
+                outcome = _get(assoc, Get, "IMAGE", keys)
+            except _GetRefused as exc:
+                why[sop] = str(exc)
+                continue
             if sop not in written and outcome.failed:
                 from pydicom.uid import UID
 
@@ -790,7 +798,7 @@ def _get(assoc: Any, model: Any, level: str, keys: dict[str, str | list[str]]) -
         # kept and the missing instances retried. Anything else refuses the C-GET itself.
         failed = _int_or_none(status.get("NumberOfFailedSuboperations")) or 0
         if code not in (0x0000, 0xB000, 0xA702) and not (failed and code >= 0xA000):
-            raise DataError(
+            raise _GetRefused(
                 f"the PACS refused the C-GET at {level} level (status 0x{code:04X}); check that "
                 "it allows C-GET for our AE title"
             )
