@@ -229,3 +229,20 @@ def test_bad_labels_file_and_unknown_dataset(
     assert "line 1: missing column(s) label" in err and "--label-column" in err
     err = _cli_error(capsys, monkeypatch, "data", "show", "nope", "--home", str(home.root))
     assert "no dataset named 'nope'" in err and "silo data add nope" in err
+
+
+def test_catalogue_from_before_undelivered_instances_opens(
+    home: SiloHome, hospital: Path
+) -> None:
+    """A catalogue written before the table of undelivered PACS instances existed: opening it
+    adds the table, and what it held is kept."""
+    import sqlite3
+
+    _silo(home, "add", "d", "--dicom-dir", str(hospital))
+    db = sqlite3.connect(home.root / "catalogue.sqlite")
+    db.execute("DROP TABLE undelivered")  # as an older release left it
+    db.commit()
+    db.close()
+    shown = _silo(home, "show", "d")
+    assert shown["ok"] == 12 and shown["undelivered"] == 0
+    assert shown["undelivered_instances"] == []
