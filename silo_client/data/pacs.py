@@ -692,6 +692,8 @@ def _retrieve(
         else:
             contexts.extend((uid, [ts]) for ts in _TRANSFER_SYNTAXES)
     contexts = contexts[:_MAX_CONTEXTS]
+    log.info("C-GET association: %d SOP class(es), %d presentation contexts, %d instance(s)",
+             len(uids), len(contexts), len(wanted))  # fmt: skip
     roles = [build_role(uid, scp_role=True) for uid in uids]
     selected = set(wanted)
     whole = [False]  # during a SERIES-level C-GET every instance sent is of that series

@@ -6,6 +6,7 @@ fails half-way is resumable or removable, and a later, narrower pull never adopt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,18 +30,23 @@ J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
 
 def _mixed_files(root: Path) -> list[Path]:
-    """4 CT (synthetic hospital) + 1 CT in JPEG 2000, 2 MR, RT Dose, RT Structure Set, RT Ion
-    Plan, a 12-lead ECG and an MPEG-2 endoscopy video (modality ES)."""
+    """4 CT (synthetic hospital) + 1 CT in JPEG 2000, 2 MR, a CR, DX, secondary capture and VL
+    photographic image, RT Dose, RT Structure Set, RT Ion Plan, a 12-lead ECG and an MPEG-2
+    endoscopy video (modality ES): 11 SOP classes."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
         MPEG2MPML,
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
         JPEG2000Lossless,
         MRImageStorage,
         RTDoseStorage,
         RTIonPlanStorage,
         RTStructureSetStorage,
+        SecondaryCaptureImageStorage,
         TwelveLeadECGWaveformStorage,
         VideoEndoscopicImageStorage,
+        VLPhotographicImageStorage,
     )
 
     from silo_client.data.synthetic import generate_hospitals
@@ -52,6 +58,15 @@ def _mixed_files(root: Path) -> list[Path]:
     for i in range(2):
         files.append(save(image_dataset(textured(16), sop_class=MRImageStorage, Modality="MR"),
                           root / f"mr{i}.dcm"))  # fmt: skip
+    # four more image classes: 11 classes x 13 transfer syntaxes do not fit in the 128
+    # presentation contexts of one association, so the C-GET needs two
+    for name, sop_class, modality in (
+        ("cr", ComputedRadiographyImageStorage, "CR"),
+        ("dx", DigitalXRayImageStorageForPresentation, "DX"),
+        ("sc", SecondaryCaptureImageStorage, "OT"), ("xc", VLPhotographicImageStorage, "XC"),
+    ):  # fmt: skip
+        files.append(save(image_dataset(textured(16), sop_class=sop_class, Modality=modality),
+                          root / f"{name}.dcm"))  # fmt: skip
     for name, sop_class, modality in (
         ("dose", RTDoseStorage, "RTDOSE"), ("struct", RTStructureSetStorage, "RTSTRUCT"),
         ("ionplan", RTIonPlanStorage, "RTPLAN"), ("ecg", TwelveLeadECGWaveformStorage, "ECG"),
@@ -103,13 +118,18 @@ def _web(pacs: Orthanc) -> list[str]:
 
 
 def test_dimse_pull_fetches_every_class_and_names_what_it_cannot(
-    mixed_pacs: Orthanc, tmp_path: Path
+    mixed_pacs: Orthanc, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     home = init_silo_home(tmp_path / "home", "site-a")
-    out = json.loads(_cli(home, "add", "all", *_dimse(mixed_pacs), "--json"))
+    with caplog.at_level(logging.INFO, logger="silo_client.data.pacs"):
+        out = json.loads(_cli(home, "add", "all", *_dimse(mixed_pacs), "--json"))
+    contexts = [int(r.args[1]) for r in caplog.records if "C-GET association" in r.getMessage()]
+    assert len(contexts) == 2 and max(contexts) <= 128 and sum(contexts) == 2 + 11 * 13
     cat = out["catalogue"]
-    # 5 CT (one in JPEG 2000, fetched as it is stored) + 2 MR usable; RT and ECG arrived
-    assert (cat["ok"], cat["skipped"], out["files"], out["pulled"]) == (7, 4, 11, 11)
+    # 5 CT (one in JPEG 2000, fetched as it is stored) + 2 MR + CR, DX, SC, XC usable; RT
+    # and ECG arrived (over two associations: 11 classes do not fit in 128 contexts)
+    assert (cat["ok"], cat["skipped"], out["files"], out["pulled"]) == (11, 4, 15, 15)
+    assert set(cat["modalities"]) == {"CT", "MR", "CR", "DX", "OT", "XC"}
     assert cat["transfer_syntaxes"].get(J2K_LOSSLESS) == 1
     reasons = " ".join(cat["skip_reasons"])
     for kind in ("RT dose", "RT structure set", "RT ion plan", "waveform"):
