@@ -87,16 +87,12 @@ def managed_folder(home_root: Path, name: str) -> Path:
 # ------------------------------------------------------------------------------------ files
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    # All of the message on one line: pydicom puts a decoder's real cause (which plugin is
+    # missing, what the codec said) on the lines after its first.
     text = " ".join(str(exc).split())
     msg = text or type(exc).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-def _decode_cause(exc: BaseException) -> str:
-    """A decoder's failure on one line, with the cause pydicom puts on its later lines (which
-    plugin is missing, or what the codec said: 'needs ...', '12-bit ...'), not just the head."""
-    return _one_line(exc, limit=400)
 
 
 def _num(ds: DicomDataset, keyword: str, index: int = 0) -> float | None:
@@ -153,8 +149,7 @@ def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         if other:
             return None, f"unsupported {other[0]} (only integer PixelData is used)"
-        absent = "no pixel data (tag (7FE0,0010) PixelData is absent)"
-        return None, truncation(getattr(ds, "filename", None)) or absent
+        return None, "no pixel data (tag (7FE0,0010) PixelData is absent)"
     if not str(ds.get("StudyInstanceUID", "") or "").strip():
         return None, "no StudyInstanceUID (needed to match labels and group studies)"
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -176,10 +171,7 @@ def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
         raw = ds.pixel_array
     except Exception as exc:
         where = f" in {UID(str(syntax)).name}" if syntax else ""
-        truncated = truncation(getattr(ds, "filename", None))
-        if truncated:
-            return None, truncated
-        return None, f"pixel data{where} cannot be decoded ({_decode_cause(exc)})"
+        return None, f"pixel data{where} cannot be decoded ({_one_line(exc)})"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1 and raw.ndim == 3:
         stack = raw
@@ -196,6 +188,14 @@ def _read(path: Path) -> tuple[DicomDataset | None, str | None]:
     return read_dicom(path)
 
 
+def _truncated_or(path: Path, reason: str | None) -> str | None:
+    """A half-copied export says so: pixel data that is absent or cannot be decoded because
+    the file ends early is 'truncated file ...', not a missing tag or a codec error."""
+    if reason and (reason.startswith("no pixel data") or "cannot be decoded" in reason):
+        return truncation(path) or reason
+    return reason
+
+
 def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
     """Read and decode one file; an ``ok`` record with metadata, or ``skipped`` with why."""
     ds, reason = _read(path)
@@ -204,7 +204,7 @@ def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
     try:
         stack, reason = _examine(ds)
         if stack is None:
-            return FileRecord(rel, size, mtime_ns, "skipped", reason)
+            return FileRecord(rel, size, mtime_ns, "skipped", _truncated_or(path, reason))
         study = str(ds.StudyInstanceUID).strip()
         patient = str(ds.get("PatientID", "") or "").strip()
         accession = str(ds.get("AccessionNumber", "") or "").strip()
