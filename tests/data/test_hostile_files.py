@@ -80,15 +80,17 @@ def test_links_that_go_nowhere_or_in_circles_are_accounted_for(
     elsewhere.mkdir()
     save(image_dataset(textured(16)), elsewhere / "b.dcm")
     (folder / "linked").symlink_to(elsewhere)  # a linked series folder is followed
+    os.mkfifo(folder / "pipe.dcm")  # opening it would block the ingest forever
     out = _add(home, folder)
     skipped = _skipped(home)
-    assert out["new_ok"] == 2 and out["files"] == 6, skipped
+    assert out["new_ok"] == 2 and out["files"] == 7, skipped
+    assert skipped["pipe.dcm"] == "a FIFO; not read"
     assert skipped["gone.dcm"].startswith("dangling symbolic link")
     assert skipped["gone-folder"].startswith("dangling symbolic link")
     assert skipped["loop.dcm"].startswith("symbolic link loop")
     assert skipped["series/back"].startswith("symbolic link to a folder already looked at")
     again = _add(home, folder)
-    assert (again["unchanged"], again["new_ok"] + again["new_skipped"]) == (6, 0)
+    assert (again["unchanged"], again["new_ok"] + again["new_skipped"]) == (7, 0)
 
 
 def test_unreadable_folder_is_recorded(home: SiloHome, tmp_path: Path) -> None:
