@@ -313,6 +313,7 @@ class FederatedRun:
             eval_metrics = {}
 
         timings["evaluate-exchange"] = time.monotonic() - mark
+        timings.update(report.stage_seconds)
         if set(new_arrays) != {wire.MODEL}:
             raise RoundFailed(
                 f"round {server_round}: the strategy returned arrays {sorted(new_arrays)[:3]}"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.pki import TlsFiles
-from silo_client.processes import runner_command, superexec_helpers
+from silo_client.processes import runner_command, superexec_helpers, supernode_launch
 
 
 class ClusterError(RuntimeError):
@@ -54,6 +54,15 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+FLOWER_DEFAULT_LATENCIES = {
+    "FEDSILO_GRID_PULL_INTERVAL": "3",  # Flower 1.42 Grid.send_and_receive
+    "FEDSILO_SUPERNODE_POLL_INTERVAL": "3",  # Flower 1.42 SuperNode idle sleep
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",  # Flower 1.42 SuperExec default
+    "FEDSILO_TASK_LAUNCH": "plain",  # one fresh interpreter per message, as flwr-clientapp
+}
+"""Environment that makes fedsilo's processes wait as Flower 1.42's defaults do."""
+
+
 @dataclass
 class ManagedProcess:
     """One started process and where its output goes."""
@@ -84,6 +93,21 @@ class FlowerCluster:
     processes: list[ManagedProcess] = field(default_factory=list)
     enable_node_auth: bool = False
     database: Path | None = None
+    flower_defaults: bool = False
+    """Run with Flower 1.42's own latencies (3 s SuperNode and ServerApp polls, 1 s SuperExec
+    poll, a fresh interpreter per task) instead of fedsilo's: for bench/round_latency.py."""
+
+    @property
+    def fast_polling(self) -> bool:
+        """Whether processes use fedsilo's short polls and pre-warmed task worker."""
+        return not self.flower_defaults
+
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        """The environment of this cluster's processes."""
+        env = flower_env(flwr_home)
+        if self.flower_defaults:
+            env.update(FLOWER_DEFAULT_LATENCIES)
+        return env
 
     @property
     def address(self) -> str:
@@ -100,7 +124,7 @@ class FlowerCluster:
             stdout=handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=flower_env(flwr_home),
+            env=self.env(flwr_home),
             cwd=self.workdir,
             start_new_session=True,
         )
@@ -169,7 +193,7 @@ class FlowerCluster:
         supernode = self._start(
             f"supernode-{name}",
             [
-                _bin("flower-supernode"),
+                *(supernode_launch() if self.fast_polling else [_bin("flower-supernode")]),
                 "--root-certificates",
                 str(root_certificates or self.tls.ca_cert),
                 "--superlink",

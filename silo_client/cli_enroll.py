@@ -33,7 +33,7 @@ from silo_client.enrollment import (
 )
 from silo_client.errors import SiloConfigError, SiloError
 from silo_client.home import HOME_ENV, SiloHome
-from silo_client.processes import runner_command, stop_process_tree
+from silo_client.processes import runner_command, stop_process_tree, supernode_launch
 
 console = Console(soft_wrap=True)
 
@@ -305,9 +305,8 @@ def _free_port() -> int:
 
 def supernode_command(silo: SiloHome, superlink: str, runtime_port: int) -> list[str]:
     """The flower-supernode command line for this silo."""
-    exe = Path(sys.executable).parent / "flower-supernode"
     return [
-        str(exe) if exe.exists() else "flower-supernode",
+        *supernode_launch(),
         "--root-certificates",
         str(ca_path(silo)),
         "--superlink",

@@ -24,6 +24,12 @@ def runner_command(runtime_port: int) -> list[str]:
     ]
 
 
+def supernode_launch() -> list[str]:
+    """The start of a SuperNode command line: ``flower-supernode`` with fedsilo's short idle poll
+    (silo_client/supernode_launch.py); append flower-supernode's own arguments."""
+    return [sys.executable, "-m", "silo_client.supernode_launch"]
+
+
 def superexec_helpers(pid: int) -> list[int]:
     """SuperExec helpers are detached from the SuperNode but carry --parent-pid PID."""
     found = []
