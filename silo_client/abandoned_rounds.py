@@ -180,7 +180,6 @@ def _audit_wiped(root: Path, stem: str, deadline: float) -> None:
 
 def ensure_reaper(root: Path) -> subprocess.Popen | None:
     """Start the home's reaper unless one runs (it holds ``<home>/.secagg-reaper.lock``)."""
-    secagg = Path(root) / "secagg"
     fd = os.open(Path(root) / REAPER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
