@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from silo_client.errors import PlanRefused, SiloError
+from silo_client.errors import PlanRefused, SiloConfigError
 from silo_client.governance.audit import audit
 
 LEDGER_FILE = "participation.db"
@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS contributions (
 """
 
 
-class LedgerError(SiloError):
-    """The participation ledger cannot be read or written."""
+class LedgerError(SiloConfigError):
+    """The participation ledger cannot be read or written (the round is refused)."""
 
 
 class ParticipationRefused(PlanRefused):
@@ -156,6 +156,8 @@ class ParticipationLedger:
             rows = con.execute(
                 "SELECT context FROM contributions ORDER BY first_time, context"
             ).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read the participation ledger ({exc})") from None
         finally:
             con.close()
         return [c for (ctx,) in rows if (c := self.get(ctx)) is not None]
