@@ -282,7 +282,10 @@ def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> 
             "ledger_context": ledger_context(claimed, bound_phase, keys, arrays),
         },
     )
-    ensure_reaper(home.root)
+    try:
+        ensure_reaper(home.root)
+    except OSError as exc:  # the sweep at the next message of any run still wipes the round
+        log.warning("could not start the abandoned-round reaper: %s", exc)
     identity = client.identity.public_bytes
     log.info("secure %s round %d: received the global model (%d arrays)", phase, round_, len(keys))
     return _reply(
@@ -329,6 +332,8 @@ def _stage(
     context = files.load_context()
     if context.get("phase") != phase:
         raise ReplayDetected(f"round {files.stem} is not a {phase} round")
+    if "ledger_context" not in context:
+        raise ReplayDetected(f"round {files.stem} was started by an older fedsilo; start anew")
     plan = _plan(home, context["plan_json"], context["plan_hash"], run_id, f"{phase}.sa_{stage}")
     client = _client(home, plan)
     if stage == "advertise":
