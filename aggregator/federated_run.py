@@ -163,6 +163,14 @@ class FederatedRun:
         )
         report = StepReport()
         replies = self.aggregation.evaluate(grid, server_round, messages, report)
+        if report.refused:  # e.g. a silo's participation ledger: the operator must see why
+            self.events.write(
+                "silos-refused",
+                round=server_round,
+                phase=f"evaluate/{split}",
+                refused=_str_keys(report.refused),
+                notes=report.notes,
+            )
         if not replies:
             return {}, report
         if any(_counters(r) for r in replies):

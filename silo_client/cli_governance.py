@@ -10,6 +10,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -17,6 +18,9 @@ from rich.console import Console
 from silo_client.errors import SiloError
 from silo_client.home import HOME_ENV, SiloHome
 from training_plan import TrainingPlan, load_plan, plan_hash
+
+if TYPE_CHECKING:
+    from silo_client.governance.policy import SitePolicy
 
 console = Console(soft_wrap=True)
 
@@ -40,8 +44,14 @@ def _plan_and_signature(path: Path):
     return plan, read_signature(path)
 
 
-def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[str]) -> str:
-    """A summary of a plan for a hospital's IT and data-protection officer."""
+def review_text(
+    plan: TrainingPlan,
+    signer: str | None,
+    policy_problems: list[str],
+    policy: SitePolicy | None = None,
+) -> str:
+    """A summary of a plan for a hospital's IT and data-protection officer (``policy``: the
+    site's, for the collusion bound; the defaults when None)."""
     from training_plan.signing import fingerprint
 
     r = plan.researcher
@@ -93,11 +103,35 @@ def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[st
         f"Privacy       secure aggregation {'ON' if sa.enabled else 'OFF'}, clip {sa.clip}, "
         f"max weight {sa.max_weight}; no images, labels, paths or identifiers leave the site",
     ]
+    if sa.enabled:
+        lines.append(collusion_text(plan, policy))
     if policy_problems:
         lines.append("Site policy   OUT OF POLICY: " + "; ".join(policy_problems))
     else:
         lines.append("Site policy   within this site's policy")
     return "\n".join(lines)
+
+
+def collusion_text(plan: TrainingPlan, policy: SitePolicy | None = None) -> str:
+    """The collusion bound of the smallest round this site would join under ``plan``
+    (docs/secure_agg.md, threat model), and the threshold the site's policy derives."""
+    from secure_agg.protocol import default_threshold
+    from silo_client.governance.policy import SitePolicy
+
+    policy = policy or SitePolicy()
+    n = policy.min_round_silos(plan)
+    threshold = plan.secure_aggregation.threshold
+    t = threshold if threshold is not None else default_threshold(n)
+    k, needed = policy.tolerated_colluders, policy.min_threshold(n)
+    text = (
+        f"Collusion     in a round of n={n} silos with threshold t={t}, the server plus "
+        f"2t-n={2 * t - n} colluding silo(s) can recover one silo's update (two survivor sets "
+        f"shown to two groups); this site tolerates {k}, so it requires t >= {needed} at n={n} "
+        f"(floor((n+{k})/2)+1 for n silos) and at least {n} silos in every sum"
+    )
+    if t < needed:
+        text += "; THIS PLAN'S THRESHOLD IS TOO LOW: this silo will refuse its rounds"
+    return text
 
 
 def _metric_disclosure(plan: TrainingPlan) -> str:
@@ -125,8 +159,9 @@ def plan_review(
     silo = SiloHome.open(home)
     plan, signature = _plan_and_signature(path)
     signer = verify_plan_signature(plan, signature) if signature else None
-    problems = load_policy(silo.root).violations(plan, signer)
-    console.print(review_text(plan, signer, problems), markup=False, highlight=False)
+    policy = load_policy(silo.root)
+    problems = policy.violations(plan, signer)
+    console.print(review_text(plan, signer, problems, policy), markup=False, highlight=False)
 
 
 @plan_app.command("approve")
