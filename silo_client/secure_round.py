@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from fedsilo_base.atomic_files import write_atomic
 from secure_agg import (
     ClientState,
     ConfigurationError,
@@ -53,7 +54,7 @@ from secure_agg.flower import (
 )
 from secure_agg.messages import validate
 from silo_client.errors import PlanRefused, SiloConfigError
-from silo_client.home import SiloHome, write_atomic
+from silo_client.home import SiloHome
 from silo_client.identity import load_identity, load_roster
 from training_plan import TrainingPlan, wire
 

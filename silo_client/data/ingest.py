@@ -395,7 +395,7 @@ def ingest_folder(
 
 
 def _write_marker(folder: Path, catalogue: Catalogue, name: str) -> None:
-    from silo_client.home import write_atomic
+    from fedsilo_base.atomic_files import write_atomic
 
     payload = {"kind": "fedsilo-catalogued-dataset", "name": name,
                "catalogue": str(catalogue.path.resolve())}  # fmt: skip
