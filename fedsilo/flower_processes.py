@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.pki import TlsFiles
-from silo_client.processes import runner_command, superexec_helpers, supernode_launch
+from fedsilo_base.errors import UserError
+from fedsilo_base.process_tree import stop_process_trees
+from silo_client.processes import runner_command, supernode_launch
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RuntimeError, UserError):
     """A Flower process failed to start or a run could not be submitted."""
 
 
@@ -273,29 +274,7 @@ class FlowerCluster:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process (SIGTERM, then SIGKILL), SuperExec helpers included."""
-        for process in reversed(self.processes):
-            pid = process.popen.pid
-            helpers = superexec_helpers(pid)
-            if process.alive():
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for helper in helpers:
-                try:
-                    os.kill(helper, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for process in self.processes:
-            try:
-                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.popen.wait(timeout=5)
+        stop_process_trees([p.popen for p in reversed(self.processes)], grace)
         self.processes.clear()
 
     def __enter__(self) -> FlowerCluster:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from fedsilo_base.atomic_files import write_atomic
 from secure_agg import (
     ClientState,
     ConfigurationError,
@@ -75,7 +76,7 @@ from silo_client.governance.participation import (
     refuse_low_threshold,
     refuse_small_round,
 )
-from silo_client.home import SiloHome, write_atomic
+from silo_client.home import SiloHome
 from silo_client.identity import load_identity, load_roster
 from training_plan import TrainingPlan, wire
 

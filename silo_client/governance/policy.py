@@ -237,8 +237,8 @@ def save_policy(root: Path, policy: SitePolicy, *, actor: str) -> None:
     """Write the policy atomically and record the change (old and new hash) in the audit log."""
     import hashlib
 
+    from fedsilo_base.atomic_files import write_atomic
     from silo_client.governance.audit import audit
-    from silo_client.home import write_atomic
 
     path = policy_path(root)
     old = path.read_bytes() if path.exists() else b""
