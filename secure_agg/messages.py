@@ -41,11 +41,20 @@ SCHEMAS: dict[tuple[str, str], dict[str, str]] = {
         "setup_digests": "list[bytes]",
         "signatures": "list[bytes]",
     },
-    ("share", "reply"): {"silo": "str", "recipients": "list[str]", "ciphertexts": "list[bytes]"},
+    ("share", "reply"): {
+        "silo": "str",
+        "recipients": "list[str]",
+        "ciphertexts": "list[bytes]",
+        "commit_to": "list[str]",
+        "share_commits": "list[bytes]",
+        "commit_signatures": "list[bytes]",
+    },
     ("mask", "request"): {
         "u2": "list[str]",
         "share_from": "list[str]",
         "ciphertexts": "list[bytes]",
+        "share_commits": "list[bytes]",
+        "commit_signatures": "list[bytes]",
     },
     ("mask", "reply"): {"silo": "str", "masked": "ndarray"},
     ("consistency", "request"): {"survivors": "list[str]"},
@@ -76,10 +85,13 @@ _PARALLEL = {
         "signatures",
     ),
     ("share", "reply"): ("recipients", "ciphertexts"),
-    ("mask", "request"): ("share_from", "ciphertexts"),
+    ("mask", "request"): ("share_from", "ciphertexts", "share_commits", "commit_signatures"),
     ("unmask", "request"): ("signers", "signatures"),
 }
-_PAIRS = {("unmask", "reply"): (("b_owners", "b_shares"), ("sk_owners", "sk_shares"))}
+_PAIRS = {
+    ("unmask", "reply"): (("b_owners", "b_shares"), ("sk_owners", "sk_shares")),
+    ("share", "reply"): (("commit_to", "share_commits"), ("commit_to", "commit_signatures")),
+}
 
 
 def _check_type(key: str, value: Any, tag: str) -> None:

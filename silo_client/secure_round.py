@@ -40,6 +40,7 @@ from secure_agg import (
     RoundConfig,
     SecAggClient,
     SecureAggError,
+    cap_weight,
 )
 from secure_agg.flower import (
     HELLO,
@@ -388,10 +389,12 @@ def _local_vector(
     from silo_client.governance.enforcement import check_min_examples
 
     check_min_examples(home, examples, run_id=files.stem, digest=str(context["plan_hash"]))
-    weight = float(min(examples, w_max))
+    # weight AND counters capped together, so that the sums stay within what the server checks
+    weight, counters = cap_weight(examples, counters, w_max)
     if examples > w_max:
         log.warning(
-            "secure %s round %d: %d examples exceed the plan's max_weight %d; weight capped",
+            "secure %s round %d: %d examples exceed the plan's max_weight %d; weight and "
+            "counters scaled down to it",
             phase,
             round_,
             examples,
