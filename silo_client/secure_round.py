@@ -56,6 +56,7 @@ from secure_agg.messages import validate
 from silo_client.errors import PlanRefused, SiloConfigError
 from silo_client.home import SiloHome, write_atomic
 from silo_client.identity import load_identity, load_roster
+from silo_client.reply_pacing import hold_until_grid_point
 from training_plan import TrainingPlan, wire
 
 log = logging.getLogger("fedsilo.silo")
@@ -334,8 +335,11 @@ def _stage(
         if stage == "share":
             reply = client.share(state, request)
         elif stage == "mask":
+            started = time.monotonic()
             vector, weight, counters = _local_vector(home, plan, files, context, phase, round_)
             reply = client.mask(state, request, vector, weight, counters)
+            # the reply time must not tell the server how long we trained (silo_client.reply_pacing)
+            hold_until_grid_point(started)
         elif stage == "consistency":
             reply = client.consistency(state, request)
         elif stage == "unmask":
