@@ -1,6 +1,9 @@
 """Benchmark: fedsilo secure_agg vs Flower 1.42 SecAgg+ primitives on the same vectors.
 
-Usage: python bench/secure_agg.py [--params 7000000] [--silos 3,5,10] [--json]
+Usage: python bench/secure_agg.py [--params 7000000] [--silos 3,5,10] [--json] [--no-flower]
+
+Any n from 3 to 50 works (weights cycle through 100..1000 examples, under the cap w_max = 1000;
+the default codec's headroom allows up to 63 silos at 32 bits).
 
 Ours: per-silo ``SecAggClient.mask`` (encode + self mask + all pairwise masks), server
 ``collect_unmask`` (rebuild seeds/keys, remove masks, decode) with 0 and 1 dropouts, bytes
@@ -25,16 +28,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from secure_agg.flower import aggregate_bounds
 from secure_agg.messages import pack
 from secure_agg.protocol import RoundConfig, ServerCoordinator
 from secure_agg.simulate import Federation, context_hash_of
+
+W_MAX = 1000.0
+"""Public weight cap of both sides (Flower's ``max_weight`` default)."""
 
 
 def _vectors(n: int, m: int) -> tuple[list[str], dict, dict]:
     rng = np.random.default_rng(0)
     names = [f"hospital-{i:02d}" for i in range(n)]
     vecs = {k: (rng.standard_normal(m, dtype=np.float32) * 0.01) for k in names}
-    weights = {k: float(100 * (i + 1)) for i, k in enumerate(names)}
+    # 100 .. 1000 examples, cycling: never above the public cap W_MAX, whatever n
+    weights = {k: float(100 * (1 + i % 10)) for i, k in enumerate(names)}
     return names, vecs, weights
 
 
@@ -42,8 +50,9 @@ def _vectors(n: int, m: int) -> tuple[list[str], dict, dict]:
 def bench_ours(n: int, m: int, dropouts: int) -> dict:
     names, vecs, weights = _vectors(n, m)
     fed = Federation.create(names)
-    cfg = RoundConfig("bench", 1, tuple(names), m, w_max=1000.0, counter_names=("examples",))
-    srv = ServerCoordinator(cfg)
+    cfg = RoundConfig("bench", 1, tuple(names), m, w_max=W_MAX, counter_names=("examples",))
+    # the server checks the decoded sums as the Flower adapter does (part of unmask_s)
+    srv = ServerCoordinator(cfg, bounds=aggregate_bounds(cfg.counter_names, W_MAX))
     upload = {k: 0 for k in names}
 
     def sent(reps: dict) -> dict:
@@ -115,7 +124,7 @@ def bench_flower(n: int, m: int, dropouts: int) -> dict:
         public_key_to_bytes,
     )
 
-    clipping_range, target_range, mod_range, max_weight = 8.0, 1 << 22, 1 << 32, 1000.0
+    clipping_range, target_range, mod_range, max_weight = 8.0, 1 << 22, 1 << 32, W_MAX
     threshold = max(3, 2 * n // 3 + 1)
     names, vecs, weights = _vectors(n, m)
     nids = {k: i + 1 for i, k in enumerate(names)}
@@ -218,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-flower", action="store_true", help="skip the Flower side")
     args = ap.parse_args(argv)
     m = args.params
+    try:
+        silos = [int(x) for x in args.silos.split(",")]
+    except ValueError:
+        ap.error(f"--silos must be comma-separated integers, got {args.silos!r}")
+    if any(not 3 <= n <= 63 for n in silos) or m < 1:
+        ap.error("each --silos value must be in [3, 63] (overflow headroom) and --params >= 1")
     bench_ours(3, min(m, 100_000), 0)  # warm-up: imports, first allocations
     rows = []
-    for n in (int(x) for x in args.silos.split(",")):
+    for n in silos:
         for impl, fn in (("fedsilo", bench_ours), ("flower", bench_flower)):
             if impl == "flower" and args.no_flower:
                 continue
