@@ -67,6 +67,8 @@ CHUNK_VALUES = 1 << 18
 MAX_VECTOR_LENGTH = 1 << 30
 """Largest model vector a round may announce (4 GiB of uint32 per silo and for the server's
 sum): a larger length is refused before anything is allocated."""
+BLIND_SLOTS = 16
+"""16-bit limbs of a 256-bit commitment blind (sums of up to 2^16 silos fit in 32 bits)."""
 MAX_COUNTERS = 4096
 """Most counters a round may declare (each costs 3 slots)."""
 
@@ -155,6 +157,7 @@ class FixedPointCodec:
         counter_names: tuple[str, ...] = (),
         counter_frac_bits: int = 16,
         clip_warn_fraction: float = 0.01,
+        weight_proof: bool = False,
     ) -> None:
         _check_int("vector_length", vector_length, 0, MAX_VECTOR_LENGTH)
         _check_int("n_silos", n_silos, 1, 1 << 16)
@@ -169,6 +172,8 @@ class FixedPointCodec:
             _check_real(key, value)
         if rounding not in ("nearest", "stochastic"):
             raise ConfigurationError(f"rounding must be 'nearest' or 'stochastic': {rounding}")
+        if not isinstance(weight_proof, bool):
+            raise ConfigurationError("weight_proof must be true or false")
         if not isinstance(counter_names, tuple | list) or len(counter_names) > MAX_COUNTERS:
             raise ConfigurationError(
                 f"counter_names must be a list of at most {MAX_COUNTERS} names"
@@ -204,7 +209,11 @@ class FixedPointCodec:
         self.dtype = np.dtype(np.uint32 if bits == 32 else np.uint64)
         self.sdtype = np.dtype(np.int32 if bits == 32 else np.int64)
         self.fdtype = np.dtype(np.float32 if bits == 32 else np.float64)
-        self.header_len = 1 + COUNTER_LIMBS * len(self.counter_names)
+        self.weight_proof = weight_proof
+        # the blind of the weight commitment (secure_agg.range_proof), 16-bit limbs, summed
+        self.blind_slots = BLIND_SLOTS if weight_proof else 0
+        self.blind_offset = 1 + COUNTER_LIMBS * len(self.counter_names)
+        self.header_len = self.blind_offset + self.blind_slots
         self.total_len = self.header_len + self.vector_length
 
     # ------------------------------------------------------------------ encode
@@ -238,8 +247,12 @@ class FixedPointCodec:
         vector: np.ndarray,
         weight: float,
         counters: Mapping[str, float] | None = None,
+        blind: int | None = None,
     ) -> int:
         """Encode into the preallocated ``out`` (length ``total_len``); return #clipped values.
+
+        With ``weight_proof`` the commitment blind ``blind`` (< 2^256) is written in 16-bit
+        limbs after the counters.
 
         Works chunk by chunk in the codec's float dtype (float32 for 32 bits): no float64
         temporary of the vector's size is created.
@@ -254,6 +267,10 @@ class FixedPointCodec:
                 f"unknown counters {sorted(unknown)}; the round config declares "
                 f"{list(self.counter_names[1:])} ({CLIPPED_COUNTER!r} is computed here)"
             )
+        if self.weight_proof != (blind is not None):
+            raise ConfigurationError("a commitment blind goes with weight_proof, and only with it")
+        if blind is not None and not 0 <= blind < 1 << (_LIMB * BLIND_SLOTS):
+            raise ConfigurationError("the commitment blind must be in [0, 2^256)")
         a_q = self.quantize_weight(weight)
         scale = self.fdtype.type(a_q) * self.fdtype.type(2.0 ** (self.frac_bits - self.weight_bits))
         clip = self.fdtype.type(self.clip)
@@ -288,6 +305,8 @@ class FixedPointCodec:
         header = [a_q]
         for name in self.counter_names:
             header.extend(self._encode_counter(name, values.get(name, 0)))
+        if blind is not None:
+            header.extend((blind >> (_LIMB * i)) & ((1 << _LIMB) - 1) for i in range(BLIND_SLOTS))
         out[: self.header_len] = np.array(header, dtype=object).astype(self.dtype)
         return clipped
 
@@ -360,6 +379,11 @@ class FixedPointCodec:
                     f"(a silo sent values beyond the clip)"
                 )
         return problems
+
+    def blind_sum(self, total: np.ndarray) -> int:
+        """The exact sum of the silos' commitment blinds, from its limbs in an unmasked sum."""
+        limbs = total[self.blind_offset : self.blind_offset + self.blind_slots]
+        return sum(int(v) << (_LIMB * i) for i, v in enumerate(limbs))
 
     def _counter_ints(self, total: np.ndarray) -> dict[str, int]:
         """Exact integer counter sums (in units of 2^-counter_frac_bits) from the limbs."""

@@ -255,6 +255,7 @@ class SecureAggregation:
         timeout: float | None = 3600.0,
         key_timeout: float | None = 600.0,
         roster: Roster | None = None,
+        weight_proof: bool = False,
     ) -> None:
         self.clip = float(clip)
         self.frac_bits = int(frac_bits)
@@ -265,6 +266,9 @@ class SecureAggregation:
         self.timeout = timeout
         self.key_timeout = key_timeout
         self.roster = roster
+        # each silo proves in zero knowledge that its weight is within [0, w_max]
+        # (secure_agg.range_proof; about a second per silo and per phase on a dev box)
+        self.weight_proof = bool(weight_proof)
 
     @classmethod
     def from_plan(cls, plan: TrainingPlan, **kwargs: Any) -> SecureAggregation:
@@ -460,6 +464,7 @@ class _Exchange:
                 w_max=step.w_max,
                 counter_names=counter_names(self.phase, plan),
                 clip_warn_fraction=step.clip_warn_fraction,
+                weight_proof=step.weight_proof,
             )
         except SecureAggError as exc:
             raise _AbortedError(HELLO, f"{len(self.active)} silo(s) answered: {exc}") from None

@@ -56,7 +56,12 @@ SCHEMAS: dict[tuple[str, str], dict[str, str]] = {
         "share_commits": "list[bytes]",
         "commit_signatures": "list[bytes]",
     },
-    ("mask", "reply"): {"silo": "str", "masked": "ndarray"},
+    ("mask", "reply"): {
+        "silo": "str",
+        "masked": "ndarray",
+        "weight_commit": "bytes",
+        "weight_proof": "bytes",
+    },
     ("consistency", "request"): {"survivors": "list[str]"},
     ("consistency", "reply"): {"silo": "str", "signature": "bytes"},
     ("unmask", "request"): {

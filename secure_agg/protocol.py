@@ -22,7 +22,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import shamir
+from . import range_proof, shamir
 from .codec import CLIPPED_COUNTER, DecodedSum, FixedPointCodec
 from .errors import (
     BadSignature,
@@ -60,6 +60,7 @@ _CODEC_KEYS = (
     "counter_names",
     "counter_frac_bits",
     "clip_warn_fraction",
+    "weight_proof",
 )
 _MIN_CONTEXT = 16
 _MAX_CONTEXT = 64
@@ -97,6 +98,7 @@ class RoundConfig:
     counter_names: tuple[str, ...] = ()
     counter_frac_bits: int = 16
     clip_warn_fraction: float = 0.01
+    weight_proof: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
@@ -192,6 +194,10 @@ def commit_transcript(
 ) -> bytes:
     """What a dealer signs for the share it deals to ``recipient``."""
     return transcript("share-commit", run_id, round_, dealer, recipient, commitment)
+
+
+def _proof_context(run_id: str, round_: int, name: str) -> bytes:
+    return transcript("weight-proof", run_id, round_, name)
 
 
 def _sorted_unique(names: list[str], what: str) -> list[str]:
@@ -615,8 +621,18 @@ class SecAggClient:
             self._check_share_commit(state, p, b_sh, sk_sh, msg, i)
             state.shares[p] = (b_sh, sk_sh)
             _wipe(plain)
+        commit_bytes, proof = b"", b""
+        blind = None
+        if codec.weight_proof:
+            a_q = codec.quantize_weight(weight)
+            blind = range_proof.random_blind()
+            commitment = range_proof.commit(a_q, blind)
+            commit_bytes = range_proof.element_bytes(commitment)
+            proof = range_proof.prove_at_most(
+                a_q, blind, codec.weight_bits, _proof_context(state.run_id, state.round, self.name)
+            )
         acc = np.empty(codec.total_len, codec.dtype)
-        codec.encode_into(acc, vector, weight, counters)
+        codec.encode_into(acc, vector, weight, counters, blind)
         plus = [derive(state.b, "self-mask", state.run_id, state.round, self.name)]
         minus = []
         for p in u2:
@@ -636,7 +652,9 @@ class SecAggClient:
         masker.apply(acc, plus=plus, minus=minus)
         masker.wipe()
         state.u2 = u2
-        return self._reply(state, "mask", masked=acc)
+        return self._reply(
+            state, "mask", masked=acc, weight_commit=commit_bytes, weight_proof=proof
+        )
 
     def _check_share_commit(
         self,
@@ -876,6 +894,7 @@ class ServerCoordinator:
         self._cts: dict[str, dict[str, bytes]] = {}  # recipient -> sender -> ciphertext
         self._sum: np.ndarray | None = None
         self._sigs: dict[str, bytes] = {}
+        self._weight_commits: dict[str, int] = {}  # range-proven weight commitments of U3
         # dealer -> recipient -> (commitment, dealer's signature over it)
         self._commits: dict[str, dict[str, tuple[bytes, bytes]]] = {}
 
@@ -1020,6 +1039,25 @@ class ServerCoordinator:
                     f"masked vector of {name!r} must be {self.codec.dtype} of length "
                     f"{self.codec.total_len}, got {arr.dtype} {arr.shape}"
                 )
+            if not self.codec.weight_proof:
+                if m["weight_commit"] or m["weight_proof"]:
+                    raise MalformedMessage(f"{name!r} sent a weight proof nobody asked for")
+                return
+            commitment = range_proof.element_from(m["weight_commit"])
+            try:
+                range_proof.verify_at_most(
+                    commitment,
+                    m["weight_proof"],
+                    self.codec.weight_bits,
+                    _proof_context(self.config.run_id, self.config.round, name),
+                )
+            except BadSignature:
+                raise BadSignature(
+                    f"the weight range proof of {name!r} does not verify: its weight may exceed "
+                    f"w_max; its vector is left out",
+                    peer=name,
+                ) from None
+            self._weight_commits[name] = commitment
 
         got = self._accept(replies, "mask", self.u2, check)
         self.u3 = list(got)
@@ -1129,6 +1167,15 @@ class ServerCoordinator:
         self._sum = None
         self.stage = "done"
         problems = self.codec.implausible(total, len(self.u3))
+        if self.codec.weight_proof and not problems:
+            product = 1
+            for j in self.u3:
+                product = product * self._weight_commits[j] % range_proof.P
+            if product != range_proof.commit(int(total[0]), self.codec.blind_sum(total)):
+                problems.append(
+                    "the weight slots do not add up to the silos' range-proven weight "
+                    "commitments (a silo encoded another weight than it proved)"
+                )
         decoded = self.codec.decode_sum(total, len(self.u3))
         if not problems and self.bounds is not None:
             counters = {**decoded.counters, CLIPPED_COUNTER: float(decoded.clipped_values)}

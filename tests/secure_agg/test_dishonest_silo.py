@@ -334,3 +334,66 @@ def test_a_wrong_vector_length_at_mask_is_refused_before_allocating() -> None:
     with pytest.raises(ConfigurationError, match=r"length 536870912, got shape \(4,\)"):
         fed.clients["alpha"].mask(states["alpha"], reqs["alpha"], np.zeros(4, np.float32), 1.0)
     assert states["alpha"].wiped
+
+
+# ------------------------------------------------------------------- per-silo weight proofs
+PROOF_NAMES = ["alpha", "bravo", "charlie", "delta"]  # t = 3: one silo may be left out
+
+
+def _proof_round(tap=None):
+    rng = np.random.default_rng(3)
+    vecs = {n: rng.normal(0, 0.5, 32).astype(np.float32) for n in PROOF_NAMES}
+    weights = {n: 100.0 * (i + 1) for i, n in enumerate(PROOF_NAMES)}
+    counters = {n: {"examples": weights[n]} for n in PROOF_NAMES}
+    # 8 weight bits keep the proofs short for a unit test (the default is 24)
+    res = run_in_memory(
+        vecs,
+        weights,
+        counters,
+        tap=tap,
+        w_max=W_MAX,
+        weight_bits=8,
+        weight_proof=True,
+        counter_names=("examples",),
+        bounds=AggregateBounds(nonnegative=("examples",), weight_counter="examples"),
+    )
+    return res, vecs, weights
+
+
+def test_weight_proofs_accept_an_honest_round() -> None:
+    res, vecs, weights = _proof_round()
+    cfg = RoundConfig(
+        "run-1", 1, tuple(PROOF_NAMES), 32, w_max=W_MAX, weight_bits=8, weight_proof=True
+    )
+    exp, bound = expected_mean(cfg, vecs, weights, PROOF_NAMES)
+    assert np.abs(res.mean - exp).max() <= bound
+    assert res.survivors == tuple(PROOF_NAMES)
+
+
+def test_a_weight_above_w_max_cannot_be_proven_and_the_silo_is_left_out() -> None:
+    from secure_agg import range_proof
+
+    def tap(stage, direction, name, msg):
+        if stage == "mask" and direction == "reply" and name == "bravo":
+            # bravo claims 3 x w_max: it commits to that weight but can only replay a proof
+            # made for another commitment (no proof exists for a value above 2^weight_bits)
+            fake = range_proof.commit(3 << 8, range_proof.random_blind())
+            msg["weight_commit"] = range_proof.element_bytes(fake)
+        return msg
+
+    res, _, weights = _proof_round(tap)
+    assert res.dropped == ("bravo",)  # its vector was left out, its masks removed
+    assert res.survivors == ("alpha", "charlie", "delta")
+    assert res.counters["examples"] == sum(weights[n] for n in res.survivors)
+
+
+def test_a_weight_slot_differing_from_the_proven_weight_is_refused() -> None:
+    def tap(stage, direction, name, msg):
+        if stage == "mask" and direction == "reply" and name == "charlie":
+            masked = msg["masked"].copy()
+            masked[0] += np.uint32(20)  # + 20/256 x w_max, proof for the honest weight kept
+            msg["masked"] = masked
+        return msg
+
+    with pytest.raises(ImplausibleAggregate, match="range-proven weight commitments"):
+        _proof_round(tap)
