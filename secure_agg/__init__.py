@@ -44,7 +44,9 @@ state travels between stages as bytes, e.g. in a 0600 file)::
     blob = state.to_bytes(); state = ClientState.from_bytes(blob)
     reply = client.share(state, req)                    # {recipients, ciphertexts, commit_to,
                                                         #   share_commits, commit_signatures}
-    reply = client.mask(state, req, vector_f32, weight, counters)  # {masked: uint32 array}
+    reply = client.mask(state, req, vector_f32, weight, counters)  # {masked: uint32 array,
+                                                        #   weight_commit, weight_proof: b""
+                                                        #   unless cfg.weight_proof}
     reply = client.consistency(state, req)              # {signature}
     reply = client.unmask(state, req)                   # {b_owners, b_shares, sk_owners,
                                                         #   sk_shares}; state wiped after
