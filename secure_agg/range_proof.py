@@ -57,8 +57,19 @@ def _hash_to_group(label: bytes) -> int:
     return pow(int.from_bytes(stream, "big") % P, (P - 1) // Q, P)
 
 
-H = _hash_to_group(b"fedsilo-secagg/1 pedersen H")
-assert H not in (0, 1)
+H_LABEL = b"fedsilo-secagg/1 pedersen H"
+# = _hash_to_group(H_LABEL), written out so that importing costs no 2048-bit exponentiation
+# (tests/secure_agg/test_range_proof.py recomputes it)
+H = int(
+    "cfd6afce399d546b61c41c813b3cba939d4f9e2bb85f642131cfe8b53856d41cb1a391f2a0fdd524"
+    "b466627596df9352dfeb7c010d931d17c72f0a593af961263adb87011f14dd001dc29e75ea8a5b39"
+    "6e8f4b2ebed00532358d9e8c02cd30529b02e5b3c9454990d67ffeba3d059c4eefd603219ad9ca7d"
+    "1063e73cefa96a3e2f122a19318c6f917daf237de13daa22e7f7162d3ae2157d73ec3650b9a17bc6"
+    "3410753e8cda66dc1d0e322cdd143dd912c61b76e637328918071b08ff4ec6d5b1666c3877934e49"
+    "4ff688b98e8087d51a174109b37e9f994576c56a9c2cc3dee96f21e68343e410dd972c1b1364b1a5"
+    "b342128ca12394ddc32191784ca5433",
+    16,
+)
 
 
 def commit(value: int, blind: int) -> int:

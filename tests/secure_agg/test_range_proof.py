@@ -52,3 +52,8 @@ def test_group_elements_are_checked() -> None:
         with pytest.raises(MalformedMessage):
             rp.element_from(bad)
     assert rp.element_from(rp.element_bytes(rp.H)) == rp.H
+
+
+def test_h_is_hashed_into_the_group() -> None:
+    assert rp.H == rp._hash_to_group(rp.H_LABEL)
+    assert rp.H not in (0, 1) and pow(rp.H, rp.Q, rp.P) == 1
