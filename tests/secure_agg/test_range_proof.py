@@ -55,5 +55,5 @@ def test_group_elements_are_checked() -> None:
 
 
 def test_h_is_hashed_into_the_group() -> None:
-    assert rp.H == rp._hash_to_group(rp.H_LABEL)
+    assert rp._hash_to_group(rp.H_LABEL) == rp.H
     assert rp.H not in (0, 1) and pow(rp.H, rp.Q, rp.P) == 1
