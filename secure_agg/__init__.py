@@ -19,7 +19,8 @@ Server side (one :class:`ServerCoordinator` per round; each ``collect_*`` takes
 
     cfg = RoundConfig(run_id, round, participants, vector_length, threshold=None,
                       clip=8.0, frac_bits=22, w_max=10_000.0, counter_names=("examples",))
-    srv = ServerCoordinator(cfg, roster=None)   # roster: optional extra checks
+    srv = ServerCoordinator(cfg, roster=None,   # roster: optional extra checks
+                            bounds=None)        # AggregateBounds: counter sums to check
     reqs = srv.advertise_requests()             # ADVERTISE  {participants, threshold, config}
     reqs = srv.collect_advertisements(replies)  # -> SHARE   {peers, c_pks, s_pks, b_commits,
                                                 #    context_hashes, setup_digests, signatures}
@@ -29,7 +30,9 @@ Server side (one :class:`ServerCoordinator` per round; each ``collect_*`` takes
                                                 #    signatures}
     result = srv.collect_unmask(replies)        # AggregateResult: mean = sum(w d)/sum(w),
                                                 # weight_sum, counters, clipped_values,
-                                                # clipped_fraction, warnings, survivors, dropped
+                                                # clipped_fraction, warnings, survivors, dropped,
+                                                # bad_shares (silo -> why its share was dropped)
+                                                # ImplausibleAggregate if the sum is out of bounds
 
 Client side (a :class:`SecAggClient` per silo from its identity key and roster; the round
 state travels between stages as bytes, e.g. in a 0600 file)::
@@ -39,8 +42,11 @@ state travels between stages as bytes, e.g. in a 0600 file)::
                                                         #   context_hash, setup_digest,
                                                         #   signature}
     blob = state.to_bytes(); state = ClientState.from_bytes(blob)
-    reply = client.share(state, req)                    # {recipients, ciphertexts}
-    reply = client.mask(state, req, vector_f32, weight, counters)  # {masked: uint32 array}
+    reply = client.share(state, req)                    # {recipients, ciphertexts, commit_to,
+                                                        #   share_commits, commit_signatures}
+    reply = client.mask(state, req, vector_f32, weight, counters)  # {masked: uint32 array,
+                                                        #   weight_commit, weight_proof: b""
+                                                        #   unless cfg.weight_proof}
     reply = client.consistency(state, req)              # {signature}
     reply = client.unmask(state, req)                   # {b_owners, b_shares, sk_owners,
                                                         #   sk_shares}; state wiped after
@@ -51,11 +57,12 @@ state; the server raises :class:`BelowThreshold` when fewer than ``t`` silos rem
 :func:`secure_agg.simulate.run_in_memory` wires all of this in memory.
 """
 
-from .codec import DecodedSum, FixedPointCodec, check_headroom
+from .codec import DecodedSum, FixedPointCodec, cap_weight, check_headroom
 from .errors import (
     BadSignature,
     BelowThreshold,
     ConfigurationError,
+    ImplausibleAggregate,
     InconsistentView,
     MalformedMessage,
     ProtocolAbort,
@@ -66,6 +73,7 @@ from .errors import (
 from .keys import IdentityKey, Roster
 from .messages import SCHEMAS, STAGES, pack, unpack
 from .protocol import (
+    AggregateBounds,
     AggregateResult,
     ClientState,
     RoundConfig,
@@ -77,6 +85,7 @@ from .protocol import (
 __all__ = [
     "SCHEMAS",
     "STAGES",
+    "AggregateBounds",
     "AggregateResult",
     "BadSignature",
     "BelowThreshold",
@@ -85,6 +94,7 @@ __all__ = [
     "DecodedSum",
     "FixedPointCodec",
     "IdentityKey",
+    "ImplausibleAggregate",
     "InconsistentView",
     "MalformedMessage",
     "ProtocolAbort",
@@ -95,6 +105,7 @@ __all__ = [
     "SecureAggError",
     "ServerCoordinator",
     "UnknownPeer",
+    "cap_weight",
     "check_headroom",
     "default_threshold",
     "pack",

@@ -46,10 +46,31 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import ConfigurationError
 
+
+def _check_int(key: str, value: object, low: int, high: int) -> None:
+    """Refuse a non-int (bool included) or an int outside [low, high] with a clear line."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigurationError(f"{key} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ConfigurationError(f"{key}={value} is outside [{low}, {high}]")
+
+
+def _check_real(key: str, value: object) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigurationError(f"{key} must be a number, got {type(value).__name__}")
+
+
 CLIPPED_COUNTER = "values_clipped"
 COUNTER_LIMBS = 3
 _LIMB = 16
 CHUNK_VALUES = 1 << 18
+MAX_VECTOR_LENGTH = 1 << 30
+"""Largest model vector a round may announce (4 GiB of uint32 per silo and for the server's
+sum): a larger length is refused before anything is allocated."""
+BLIND_SLOTS = 16
+"""16-bit limbs of a 256-bit commitment blind (sums of up to 2^16 silos fit in 32 bits)."""
+MAX_COUNTERS = 4096
+"""Most counters a round may declare (each costs 3 slots)."""
 
 
 def check_headroom(
@@ -79,6 +100,25 @@ def check_headroom(
             f"2^{frac_bits} can reach {worst:.3g} > 2^{bits - 1}-1; lower frac_bits or clip, "
             f"or use bits=64"
         )
+
+
+def cap_weight(
+    weight: float, counters: Mapping[str, float], w_max: float
+) -> tuple[float, dict[str, float]]:
+    """A silo's weight capped at the public ``w_max``, its counters scaled to stay consistent.
+
+    A silo with more examples than ``w_max`` contributes as if it had exactly ``w_max``: its
+    weight becomes ``w_max`` and every counter is multiplied by ``w_max / weight`` (so the
+    ``examples`` counter equals the weight and ratios such as the mean loss or accuracy are
+    unchanged). This keeps each silo's counters within the bounds the server checks.
+    """
+    w = float(weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise ConfigurationError(f"weight must be finite and >= 0, got {weight}")
+    if w <= w_max:
+        return w, {k: float(v) for k, v in counters.items()}
+    factor = w_max / w
+    return float(w_max), {k: float(v) * factor for k, v in counters.items()}
 
 
 @dataclass(frozen=True)
@@ -117,11 +157,29 @@ class FixedPointCodec:
         counter_names: tuple[str, ...] = (),
         counter_frac_bits: int = 16,
         clip_warn_fraction: float = 0.01,
+        weight_proof: bool = False,
     ) -> None:
+        _check_int("vector_length", vector_length, 0, MAX_VECTOR_LENGTH)
+        _check_int("n_silos", n_silos, 1, 1 << 16)
+        for key, value in (("frac_bits", frac_bits), ("bits", bits), ("weight_bits", weight_bits)):
+            _check_int(key, value, 0, 64)
+        _check_int("counter_frac_bits", counter_frac_bits, 0, 64)
+        for key, value in (
+            ("clip", clip),
+            ("w_max", w_max),
+            ("clip_warn_fraction", clip_warn_fraction),
+        ):
+            _check_real(key, value)
         if rounding not in ("nearest", "stochastic"):
             raise ConfigurationError(f"rounding must be 'nearest' or 'stochastic': {rounding}")
-        if vector_length < 0:
-            raise ConfigurationError("vector_length must be >= 0")
+        if not isinstance(weight_proof, bool):
+            raise ConfigurationError("weight_proof must be true or false")
+        if not isinstance(counter_names, tuple | list) or len(counter_names) > MAX_COUNTERS:
+            raise ConfigurationError(
+                f"counter_names must be a list of at most {MAX_COUNTERS} names"
+            )
+        if not all(isinstance(c, str) and 0 < len(c) <= 64 for c in counter_names):
+            raise ConfigurationError("counter names must be strings of 1..64 characters")
         if not (w_max > 0 and math.isfinite(w_max)):
             raise ConfigurationError(f"w_max must be positive and finite, got {w_max}")
         check_headroom(n_silos, clip, frac_bits, bits, 1.0)
@@ -151,7 +209,11 @@ class FixedPointCodec:
         self.dtype = np.dtype(np.uint32 if bits == 32 else np.uint64)
         self.sdtype = np.dtype(np.int32 if bits == 32 else np.int64)
         self.fdtype = np.dtype(np.float32 if bits == 32 else np.float64)
-        self.header_len = 1 + COUNTER_LIMBS * len(self.counter_names)
+        self.weight_proof = weight_proof
+        # the blind of the weight commitment (secure_agg.range_proof), 16-bit limbs, summed
+        self.blind_slots = BLIND_SLOTS if weight_proof else 0
+        self.blind_offset = 1 + COUNTER_LIMBS * len(self.counter_names)
+        self.header_len = self.blind_offset + self.blind_slots
         self.total_len = self.header_len + self.vector_length
 
     # ------------------------------------------------------------------ encode
@@ -185,21 +247,19 @@ class FixedPointCodec:
         vector: np.ndarray,
         weight: float,
         counters: Mapping[str, float] | None = None,
+        blind: int | None = None,
     ) -> int:
         """Encode into the preallocated ``out`` (length ``total_len``); return #clipped values.
+
+        With ``weight_proof`` the commitment blind ``blind`` (< 2^256) is written in 16-bit
+        limbs after the counters.
 
         Works chunk by chunk in the codec's float dtype (float32 for 32 bits): no float64
         temporary of the vector's size is created.
         """
         if out.dtype != self.dtype or out.shape != (self.total_len,):
             raise ConfigurationError("output buffer has the wrong dtype or length")
-        vec = np.asarray(vector)
-        if vec.ndim != 1 or vec.shape[0] != self.vector_length:
-            raise ConfigurationError(
-                f"vector must be 1-D of length {self.vector_length}, got shape {vec.shape}"
-            )
-        if vec.dtype.kind != "f":
-            raise ConfigurationError(f"vector must be floating point, got {vec.dtype}")
+        vec = self.check_vector(vector)
         counters = dict(counters or {})
         unknown = set(counters) - set(self.counter_names[1:])
         if unknown:
@@ -207,6 +267,10 @@ class FixedPointCodec:
                 f"unknown counters {sorted(unknown)}; the round config declares "
                 f"{list(self.counter_names[1:])} ({CLIPPED_COUNTER!r} is computed here)"
             )
+        if self.weight_proof != (blind is not None):
+            raise ConfigurationError("a commitment blind goes with weight_proof, and only with it")
+        if blind is not None and not 0 <= blind < 1 << (_LIMB * BLIND_SLOTS):
+            raise ConfigurationError("the commitment blind must be in [0, 2^256)")
         a_q = self.quantize_weight(weight)
         scale = self.fdtype.type(a_q) * self.fdtype.type(2.0 ** (self.frac_bits - self.weight_bits))
         clip = self.fdtype.type(self.clip)
@@ -241,15 +305,95 @@ class FixedPointCodec:
         header = [a_q]
         for name in self.counter_names:
             header.extend(self._encode_counter(name, values.get(name, 0)))
+        if blind is not None:
+            header.extend((blind >> (_LIMB * i)) & ((1 << _LIMB) - 1) for i in range(BLIND_SLOTS))
         out[: self.header_len] = np.array(header, dtype=object).astype(self.dtype)
         return clipped
+
+    def check_vector(self, vector: np.ndarray) -> np.ndarray:
+        """``vector`` as an array if it is 1-D floating point of ``vector_length`` values, else
+        ConfigurationError (callers run this before allocating anything of the vector's size)."""
+        vec = np.asarray(vector)
+        if vec.ndim != 1 or vec.shape[0] != self.vector_length:
+            raise ConfigurationError(
+                f"vector must be 1-D of length {self.vector_length}, got shape {vec.shape}"
+            )
+        if vec.dtype.kind != "f":
+            raise ConfigurationError(f"vector must be floating point, got {vec.dtype}")
+        return vec
 
     def encode(
         self, vector: np.ndarray, weight: float, counters: Mapping[str, float] | None = None
     ) -> np.ndarray:
         """Encode into a fresh array (see :meth:`encode_into`)."""
+        self.check_vector(vector)
         out = np.empty(self.total_len, self.dtype)
         self.encode_into(out, vector, weight, counters)
+        return out
+
+    # ------------------------------------------------------------------ checks
+    def implausible(self, total: np.ndarray, n_contributors: int) -> list[str]:
+        """What in an unmasked SUM of ``n_contributors`` encodings no honest set of silos can
+        produce (empty list: plausible). Checked on the exact integers before decoding:
+
+        * the weight slot ``sum a_q`` is in ``[1, n * 2^weight_bits]`` (0 only without a model
+          vector, e.g. evaluation sums);
+        * ``values_clipped`` is a whole number in ``[0, n * vector_length]``;
+        * every model coordinate ``|sum q| <= clip * 2^(f - weight_bits) * sum a_q * (1 + 2^-22)
+          + n``, i.e. the decoded mean is within ``clip`` of zero (plus rounding).
+
+        These bound the SUM only: one dishonest silo stays unnoticed while its forgery keeps the
+        sum inside them (docs/secure_agg.md, "Bounded contributions").
+        """
+        if total.dtype != self.dtype or total.shape != (self.total_len,):
+            raise ConfigurationError("sum has the wrong dtype or length")
+        n = int(n_contributors)
+        problems = []
+        a_sum = int(total[0])
+        a_max = n << self.weight_bits
+        if a_sum > a_max:
+            problems.append(
+                f"weight slot sums to {a_sum / (1 << self.weight_bits):.6g} x w_max, more than "
+                f"{n} silos x w_max (a silo forged its weight)"
+            )
+        elif a_sum == 0 and self.vector_length:
+            problems.append("weight slot sums to zero although a model vector was sent")
+        raw = self._counter_ints(total)
+        clipped = raw[CLIPPED_COUNTER]
+        scale = 1 << self.counter_frac_bits
+        if clipped % scale or not 0 <= clipped // scale <= n * self.vector_length:
+            problems.append(
+                f"values_clipped sums to {clipped / scale:.6g}, not a count in "
+                f"[0, {n} x {self.vector_length}] (a silo forged its clipped counter)"
+            )
+        if self.vector_length and a_sum <= a_max:
+            body = total[self.header_len :].view(self.sdtype)
+            limit = self.clip * 2.0 ** (self.frac_bits - self.weight_bits) * a_sum
+            limit = limit * (1 + 2.0**-22) + n
+            low, high = int(body.min()), int(body.max())
+            worst = max(-low, high)
+            if worst > limit:
+                problems.append(
+                    f"a model coordinate of the weighted mean reaches "
+                    f"{worst / limit * self.clip:.4g} in absolute value, above clip {self.clip} "
+                    f"(a silo sent values beyond the clip)"
+                )
+        return problems
+
+    def blind_sum(self, total: np.ndarray) -> int:
+        """The exact sum of the silos' commitment blinds, from its limbs in an unmasked sum."""
+        limbs = total[self.blind_offset : self.blind_offset + self.blind_slots]
+        return sum(int(v) << (_LIMB * i) for i, v in enumerate(limbs))
+
+    def _counter_ints(self, total: np.ndarray) -> dict[str, int]:
+        """Exact integer counter sums (in units of 2^-counter_frac_bits) from the limbs."""
+        header = [int(x) for x in total[: self.header_len]]
+        half = 1 << (self.bits - 1)
+        out = {}
+        for i, name in enumerate(self.counter_names):
+            lo, mid, hi = header[1 + 3 * i : 4 + 3 * i]
+            hi = hi - (1 << self.bits) if hi >= half else hi
+            out[name] = lo + (mid << _LIMB) + (hi << (2 * _LIMB))
         return out
 
     # ------------------------------------------------------------------ decode
@@ -259,15 +403,11 @@ class FixedPointCodec:
         """Decode an unmasked SUM of encoded vectors into the weighted mean and the sums."""
         if total.dtype != self.dtype or total.shape != (self.total_len,):
             raise ConfigurationError("sum has the wrong dtype or length")
-        header = [int(x) for x in total[: self.header_len]]
-        a_sum = header[0]
-        half = 1 << (self.bits - 1)
-        counters: dict[str, float] = {}
-        for i, name in enumerate(self.counter_names):
-            lo, mid, hi = header[1 + 3 * i : 4 + 3 * i]
-            hi = hi - (1 << self.bits) if hi >= half else hi
-            iv = lo + (mid << _LIMB) + (hi << (2 * _LIMB))
-            counters[name] = iv / (1 << self.counter_frac_bits)
+        a_sum = int(total[0])
+        counters = {
+            name: iv / (1 << self.counter_frac_bits)
+            for name, iv in self._counter_ints(total).items()
+        }
         clipped = round(counters.pop(CLIPPED_COUNTER))
         weight_sum = a_sum / (1 << self.weight_bits) * self.w_max
         body = total[self.header_len :].view(self.sdtype)

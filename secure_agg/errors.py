@@ -49,3 +49,8 @@ class ReplayDetected(ProtocolAbort):
 
 class MalformedMessage(ProtocolAbort):
     """A message misses fields or has fields of the wrong type, dtype or length."""
+
+
+class ImplausibleAggregate(ProtocolAbort):
+    """The unmasked sum is outside what honest silos can produce (a silo forged its weight,
+    a counter, or values beyond the clip): the server refuses the round's result."""

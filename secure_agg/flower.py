@@ -47,7 +47,7 @@ from training_plan import wire
 from .errors import ConfigurationError, MalformedMessage, ProtocolAbort, SecureAggError
 from .keys import PROTOCOL, Roster, check_name, transcript
 from .messages import STAGES, new_message
-from .protocol import AggregateResult, RoundConfig, ServerCoordinator
+from .protocol import AggregateBounds, AggregateResult, RoundConfig, ServerCoordinator
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -91,6 +91,34 @@ def counter_names(phase: str, plan: TrainingPlan | None = None) -> tuple[str, ..
     from training_plan.metrics import counter_names as plan_counters
 
     return plan_counters(plan)
+
+
+_PER_EXAMPLE_PREFIXES = ("auc_pos_", "auc_neg_", "ece_n_", "ece_pos_")
+_PER_EXAMPLE = ("true_pos", "false_pos", "true_neg", "false_neg", "dice_case_sum", "hd95_cases")
+
+
+def aggregate_bounds(counters: Sequence[str], w_max: float) -> AggregateBounds:
+    """What the server checks on the counter sums of a round (docs/secure_agg.md, "Bounded
+    contributions"): every counter >= 0; ``examples`` <= w_max per silo and equal to the
+    weight (silos cap both together, ``secure_agg.cap_weight``); per-example counts (confusion
+    cells, histogram bins, defined cases) <= examples; an ECE bin's positives and score sum
+    <= its count."""
+    names = set(counters)
+    at_most: dict[str, str] = {}
+    for name in counters:
+        if name in _PER_EXAMPLE or name.startswith(_PER_EXAMPLE_PREFIXES):
+            at_most[name] = "examples"
+        if name.startswith(("ece_pos_", "ece_conf_")):
+            count = "ece_n_" + name.rsplit("_", 1)[1]
+            if count in names:
+                at_most[name] = count
+    has_examples = "examples" in names
+    return AggregateBounds(
+        nonnegative=tuple(counters),
+        per_silo_max={"examples": w_max} if has_examples else {},
+        at_most=at_most if has_examples else {},
+        weight_counter="examples" if has_examples else None,
+    )
 
 
 def codec_settings(plan: TrainingPlan) -> dict[str, Any]:
@@ -319,6 +347,7 @@ class SecureAggregation:
         timeout: float | None = 3600.0,
         key_timeout: float | None = 600.0,
         roster: Roster | None = None,
+        weight_proof: bool = False,
     ) -> None:
         self.clip = float(clip)
         self.frac_bits = int(frac_bits)
@@ -329,6 +358,9 @@ class SecureAggregation:
         self.timeout = timeout
         self.key_timeout = key_timeout
         self.roster = roster
+        # each silo proves in zero knowledge that its weight is within [0, w_max]
+        # (secure_agg.range_proof; about a second per silo and per phase on a dev box)
+        self.weight_proof = bool(weight_proof)
 
     @classmethod
     def from_plan(cls, plan: TrainingPlan, **kwargs: Any) -> SecureAggregation:
@@ -529,10 +561,13 @@ class _Exchange:
                 w_max=step.w_max,
                 counter_names=counter_names(self.phase, plan),
                 clip_warn_fraction=step.clip_warn_fraction,
+                weight_proof=step.weight_proof,
             )
         except SecureAggError as exc:
             raise _AbortedError(HELLO, f"{len(self.active)} silo(s) answered: {exc}") from None
-        coordinator = ServerCoordinator(cfg, step.roster)
+        coordinator = ServerCoordinator(
+            cfg, step.roster, aggregate_bounds(cfg.counter_names, step.w_max)
+        )
         stage = "advertise"
         try:
             reqs = coordinator.advertise_requests()

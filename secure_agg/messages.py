@@ -41,13 +41,27 @@ SCHEMAS: dict[tuple[str, str], dict[str, str]] = {
         "setup_digests": "list[bytes]",
         "signatures": "list[bytes]",
     },
-    ("share", "reply"): {"silo": "str", "recipients": "list[str]", "ciphertexts": "list[bytes]"},
+    ("share", "reply"): {
+        "silo": "str",
+        "recipients": "list[str]",
+        "ciphertexts": "list[bytes]",
+        "commit_to": "list[str]",
+        "share_commits": "list[bytes]",
+        "commit_signatures": "list[bytes]",
+    },
     ("mask", "request"): {
         "u2": "list[str]",
         "share_from": "list[str]",
         "ciphertexts": "list[bytes]",
+        "share_commits": "list[bytes]",
+        "commit_signatures": "list[bytes]",
     },
-    ("mask", "reply"): {"silo": "str", "masked": "ndarray"},
+    ("mask", "reply"): {
+        "silo": "str",
+        "masked": "ndarray",
+        "weight_commit": "bytes",
+        "weight_proof": "bytes",
+    },
     ("consistency", "request"): {"survivors": "list[str]"},
     ("consistency", "reply"): {"silo": "str", "signature": "bytes"},
     ("unmask", "request"): {
@@ -76,10 +90,13 @@ _PARALLEL = {
         "signatures",
     ),
     ("share", "reply"): ("recipients", "ciphertexts"),
-    ("mask", "request"): ("share_from", "ciphertexts"),
+    ("mask", "request"): ("share_from", "ciphertexts", "share_commits", "commit_signatures"),
     ("unmask", "request"): ("signers", "signatures"),
 }
-_PAIRS = {("unmask", "reply"): (("b_owners", "b_shares"), ("sk_owners", "sk_shares"))}
+_PAIRS = {
+    ("unmask", "reply"): (("b_owners", "b_shares"), ("sk_owners", "sk_shares")),
+    ("share", "reply"): (("commit_to", "share_commits"), ("commit_to", "commit_signatures")),
+}
 
 
 def _check_type(key: str, value: Any, tag: str) -> None:

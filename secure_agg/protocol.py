@@ -22,12 +22,13 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import shamir
-from .codec import DecodedSum, FixedPointCodec
+from . import range_proof, shamir
+from .codec import CLIPPED_COUNTER, DecodedSum, FixedPointCodec
 from .errors import (
     BadSignature,
     BelowThreshold,
     ConfigurationError,
+    ImplausibleAggregate,
     InconsistentView,
     MalformedMessage,
     ProtocolAbort,
@@ -59,9 +60,14 @@ _CODEC_KEYS = (
     "counter_names",
     "counter_frac_bits",
     "clip_warn_fraction",
+    "weight_proof",
 )
 _MIN_CONTEXT = 16
 _MAX_CONTEXT = 64
+MAX_PARTICIPANTS = 1000
+"""Most silos one round may name (Shamir x coordinates and the overflow headroom bound it
+long before; a longer list is refused before any per-silo work)."""
+COMMIT_BYTES = 64
 
 
 def default_threshold(n: int) -> int:
@@ -92,12 +98,21 @@ class RoundConfig:
     counter_names: tuple[str, ...] = ()
     counter_frac_bits: int = 16
     clip_warn_fraction: float = 0.01
+    weight_proof: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
             raise ConfigurationError("run_id must be a non-empty string")
-        if not isinstance(self.round, int) or self.round < 0:
+        if not isinstance(self.round, int) or isinstance(self.round, bool) or self.round < 0:
             raise ConfigurationError("round must be a non-negative int")
+        if not isinstance(self.participants, tuple | list) or not (
+            0 < len(self.participants) <= MAX_PARTICIPANTS
+        ):
+            raise ConfigurationError(f"participants must be a list of 1..{MAX_PARTICIPANTS} names")
+        if self.threshold is not None and (
+            not isinstance(self.threshold, int) or isinstance(self.threshold, bool)
+        ):
+            raise ConfigurationError("threshold must be an int")
         names = tuple(sorted(check_name(p) for p in self.participants))
         if len(set(names)) != len(names):
             raise ConfigurationError("participants must be distinct")
@@ -156,6 +171,33 @@ class RoundConfig:
 
 def _commit(b: bytes | bytearray, run_id: str, round_: int, name: str) -> bytes:
     return hashlib.sha256(transcript("b-commit", run_id, round_, name, bytes(b))).digest()
+
+
+def share_commitment(
+    run_id: str,
+    round_: int,
+    dealer: str,
+    recipient: str,
+    b_share: bytes | bytearray,
+    sk_share: bytes | bytearray,
+) -> bytes:
+    """64 bytes: SHA-256 of the b-share, then of the sk-share, each bound to run, round, dealer
+    and recipient. The dealer signs it; the server checks every revealed share against it."""
+    return b"".join(
+        hashlib.sha256(transcript(label, run_id, round_, dealer, recipient, bytes(share))).digest()
+        for label, share in (("share-commit-b", b_share), ("share-commit-sk", sk_share))
+    )
+
+
+def commit_transcript(
+    run_id: str, round_: int, dealer: str, recipient: str, commitment: bytes
+) -> bytes:
+    """What a dealer signs for the share it deals to ``recipient``."""
+    return transcript("share-commit", run_id, round_, dealer, recipient, commitment)
+
+
+def _proof_context(run_id: str, round_: int, name: str) -> bytes:
+    return transcript("weight-proof", run_id, round_, name)
 
 
 def _sorted_unique(names: list[str], what: str) -> list[str]:
@@ -464,9 +506,18 @@ class SecAggClient:
         xs = {p: state.participants.index(p) + 1 for p in peers}
         b_shares = shamir.split(state.b, state.threshold, list(xs.values()))
         sk_shares = shamir.split(state.s_sk, state.threshold, list(xs.values()))
-        recipients, ciphertexts = [], []
+        recipients, ciphertexts, commits, commit_sigs = [], [], [], []
         for p in peers:
             x = xs[p]
+            commit = share_commitment(
+                state.run_id, state.round, self.name, p, b_shares[x], sk_shares[x]
+            )
+            commits.append(commit)
+            commit_sigs.append(
+                self.identity.sign(
+                    commit_transcript(state.run_id, state.round, self.name, p, commit)
+                )
+            )
             if p == self.name:
                 state.shares[p] = (bytearray(b_shares[x]), bytearray(sk_shares[x]))
                 continue
@@ -485,7 +536,15 @@ class SecAggClient:
             recipients.append(p)
             ciphertexts.append(nonce + ct)
         state.peers = keys
-        return self._reply(state, "share", recipients=recipients, ciphertexts=ciphertexts)
+        return self._reply(
+            state,
+            "share",
+            recipients=recipients,
+            ciphertexts=ciphertexts,
+            commit_to=list(peers),
+            share_commits=commits,
+            commit_signatures=commit_sigs,
+        )
 
     # ------------------------------------------------------------------ MASK
     def mask(
@@ -524,7 +583,17 @@ class SecAggClient:
                 f"{self.name}: ciphertexts are not exactly one from each other member of U2"
             )
         my_x = state.participants.index(self.name) + 1
-        for p, blob in zip(senders, msg["ciphertexts"], strict=True):
+        codec = RoundConfig.from_request(
+            {
+                "run_id": state.run_id,
+                "round": state.round,
+                "participants": state.participants,
+                "threshold": state.threshold,
+                "config": state.config,
+            }
+        ).codec()
+        codec.check_vector(vector)  # a wrong length is refused before anything is allocated
+        for i, (p, blob) in enumerate(zip(senders, msg["ciphertexts"], strict=True)):
             key = pairwise_key(
                 state.c_sk,
                 state.peers[p][0],
@@ -549,19 +618,21 @@ class SecAggClient:
                 or shamir.parse_share(bytes(sk_sh))[0] != my_x
             ):
                 raise MalformedMessage(f"{self.name}: share from {p!r} is for another x", peer=p)
+            self._check_share_commit(state, p, b_sh, sk_sh, msg, i)
             state.shares[p] = (b_sh, sk_sh)
             _wipe(plain)
-        codec = RoundConfig.from_request(
-            {
-                "run_id": state.run_id,
-                "round": state.round,
-                "participants": state.participants,
-                "threshold": state.threshold,
-                "config": state.config,
-            }
-        ).codec()
+        commit_bytes, proof = b"", b""
+        blind = None
+        if codec.weight_proof:
+            a_q = codec.quantize_weight(weight)
+            blind = range_proof.random_blind()
+            commitment = range_proof.commit(a_q, blind)
+            commit_bytes = range_proof.element_bytes(commitment)
+            proof = range_proof.prove_at_most(
+                a_q, blind, codec.weight_bits, _proof_context(state.run_id, state.round, self.name)
+            )
         acc = np.empty(codec.total_len, codec.dtype)
-        codec.encode_into(acc, vector, weight, counters)
+        codec.encode_into(acc, vector, weight, counters, blind)
         plus = [derive(state.b, "self-mask", state.run_id, state.round, self.name)]
         minus = []
         for p in u2:
@@ -581,7 +652,38 @@ class SecAggClient:
         masker.apply(acc, plus=plus, minus=minus)
         masker.wipe()
         state.u2 = u2
-        return self._reply(state, "mask", masked=acc)
+        return self._reply(
+            state, "mask", masked=acc, weight_commit=commit_bytes, weight_proof=proof
+        )
+
+    def _check_share_commit(
+        self,
+        state: ClientState,
+        dealer: str,
+        b_share: bytearray,
+        sk_share: bytearray,
+        msg: Mapping[str, Any],
+        i: int,
+    ) -> None:
+        """The dealer signed a commitment to exactly the shares we decrypted (else it dealt
+        something else than it committed to, or the server altered the commitment)."""
+        commit = msg["share_commits"][i]
+        if len(commit) != COMMIT_BYTES:
+            raise MalformedMessage(
+                f"{self.name}: share commitment of {dealer!r} has a bad length", peer=dealer
+            )
+        self.roster.verify(
+            dealer,
+            commit_transcript(state.run_id, state.round, dealer, self.name, commit),
+            msg["commit_signatures"][i],
+        )
+        mine = share_commitment(state.run_id, state.round, dealer, self.name, b_share, sk_share)
+        if not hmac.compare_digest(mine, commit):
+            raise BadSignature(
+                f"{self.name}: the shares {dealer!r} dealt us differ from the ones it committed "
+                f"to; refusing",
+                peer=dealer,
+            )
 
     # ------------------------------------------------------------------ CONSISTENCY
     def consistency(self, state: ClientState, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -689,10 +791,69 @@ class SecAggClient:
 # =============================================================================== server
 @dataclass(frozen=True)
 class AggregateResult(DecodedSum):
-    """Decoded sums plus who contributed (U3) and who dropped after sharing (U2 \\ U3)."""
+    """Decoded sums plus who contributed (U3), who dropped after sharing (U2 \\ U3) and who
+    revealed shares that fail their dealer's commitment (dropped, named with the reason)."""
 
     survivors: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
+    bad_shares: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AggregateBounds:
+    """What the server checks on the decoded counter SUMS of ``n`` contributors (besides the
+    codec's own weight, clipped-count and clip checks, :meth:`FixedPointCodec.implausible`).
+
+    Every check holds for any set of honest silos whose counters obey the per-silo rule it
+    states, up to the codec's rounding (``2^-counter_frac_bits`` per silo and counter):
+
+    * ``nonnegative``: each silo's counter is >= 0, so the sum is >= 0;
+    * ``per_silo_max``: each silo's counter is <= the bound, so the sum is <= n x bound;
+    * ``at_most``: ``{a: b}``: each silo's a <= its b, so sum a <= sum b;
+    * ``weight_counter``: each silo's weight equals this counter (e.g. examples after
+      :func:`~secure_agg.codec.cap_weight`), so the weight sum equals its sum.
+    """
+
+    nonnegative: tuple[str, ...] = ()
+    per_silo_max: Mapping[str, float] = field(default_factory=dict)
+    at_most: Mapping[str, str] = field(default_factory=dict)
+    weight_counter: str | None = None
+
+    def names(self) -> set[str]:
+        """Every counter these bounds mention."""
+        out = set(self.nonnegative) | set(self.per_silo_max) | set(self.at_most)
+        out |= set(self.at_most.values())
+        return out | ({self.weight_counter} if self.weight_counter else set())
+
+    def problems(
+        self, counters: Mapping[str, float], weight_sum: float, n: int, codec: FixedPointCodec
+    ) -> list[str]:
+        """Human-readable violations (empty: the sums are plausible)."""
+        unit = n * 2.0**-codec.counter_frac_bits
+        out = []
+        for name in self.nonnegative:
+            if counters[name] < -unit:
+                out.append(f"counter {name!r} sums to {counters[name]:.6g} < 0")
+        for name, bound in self.per_silo_max.items():
+            if counters[name] > n * bound + unit:
+                out.append(
+                    f"counter {name!r} sums to {counters[name]:.6g} > {n} silos x {bound:.6g}"
+                )
+        for name, other in self.at_most.items():
+            if counters[name] > counters[other] + 2 * unit:
+                out.append(
+                    f"counter {name!r} sums to {counters[name]:.6g}, more than {other!r} "
+                    f"({counters[other]:.6g})"
+                )
+        if self.weight_counter is not None:
+            value = counters[self.weight_counter]
+            tolerance = n * codec.w_max * 2.0**-codec.weight_bits + 2 * unit
+            if abs(weight_sum - value) > tolerance:
+                out.append(
+                    f"weight sum {weight_sum:.6g} differs from the {self.weight_counter!r} sum "
+                    f"{value:.6g} (a silo forged its weight slot or that counter)"
+                )
+        return out
 
 
 class ServerCoordinator:
@@ -704,10 +865,22 @@ class ServerCoordinator:
     the reported setup digest, dropping silos that fail (the clients check all of it anyway).
     """
 
-    def __init__(self, config: RoundConfig, roster: Roster | None = None) -> None:
+    def __init__(
+        self,
+        config: RoundConfig,
+        roster: Roster | None = None,
+        bounds: AggregateBounds | None = None,
+    ) -> None:
         self.config = config
         self.roster = roster
         self.codec = config.codec()
+        self.bounds = bounds
+        if bounds is not None:
+            unknown = bounds.names() - set(self.codec.counter_names)
+            if unknown:
+                raise ConfigurationError(
+                    f"aggregate bounds name counters {sorted(unknown)} the round does not sum"
+                )
         self.t = config.t
         self.stage = "advertise"
         self.u0: list[str] = list(config.participants)
@@ -721,6 +894,9 @@ class ServerCoordinator:
         self._cts: dict[str, dict[str, bytes]] = {}  # recipient -> sender -> ciphertext
         self._sum: np.ndarray | None = None
         self._sigs: dict[str, bytes] = {}
+        self._weight_commits: dict[str, int] = {}  # range-proven weight commitments of U3
+        # dealer -> recipient -> (commitment, dealer's signature over it)
+        self._commits: dict[str, dict[str, tuple[bytes, bytes]]] = {}
 
     def _msg(self, stage: str, **fields: Any) -> dict[str, Any]:
         return new_message(self.config.run_id, self.config.round, stage, **fields)
@@ -810,9 +986,20 @@ class ServerCoordinator:
     def collect_shares(self, replies: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Take SHARE replies; return MASK requests (ciphertexts for each recipient) for U2."""
 
+        run, rnd = self.config.run_id, self.config.round
+
         def check(name: str, m: dict[str, Any]) -> None:
             if sorted(m["recipients"]) != [p for p in self.u1 if p != name]:
                 raise MalformedMessage(f"{name!r} did not share with exactly the other U1 members")
+            if m["commit_to"] != self.u1:
+                raise MalformedMessage(f"{name!r} did not commit to a share for each U1 member")
+            for rcpt, commit, sig in zip(
+                m["commit_to"], m["share_commits"], m["commit_signatures"], strict=True
+            ):
+                if len(commit) != COMMIT_BYTES:
+                    raise MalformedMessage(f"{name!r} sent a share commitment of a bad length")
+                if self.roster is not None:
+                    self.roster.verify(name, commit_transcript(run, rnd, name, rcpt, commit), sig)
 
         got = self._accept(replies, "share", self.u1, check)
         self.u2 = list(got)
@@ -822,6 +1009,12 @@ class ServerCoordinator:
             for rcpt, ct in zip(m["recipients"], m["ciphertexts"], strict=True):
                 if rcpt in self._cts:
                     self._cts[rcpt][sender] = ct
+            self._commits[sender] = {
+                rcpt: (commit, sig)
+                for rcpt, commit, sig in zip(
+                    m["commit_to"], m["share_commits"], m["commit_signatures"], strict=True
+                )
+            }
         self.stage = "mask"
         out = {}
         for p in self.u2:
@@ -831,6 +1024,8 @@ class ServerCoordinator:
                 u2=list(self.u2),
                 share_from=senders,
                 ciphertexts=[self._cts[p][s] for s in senders],
+                share_commits=[self._commits[s][p][0] for s in senders],
+                commit_signatures=[self._commits[s][p][1] for s in senders],
             )
         return out
 
@@ -844,6 +1039,25 @@ class ServerCoordinator:
                     f"masked vector of {name!r} must be {self.codec.dtype} of length "
                     f"{self.codec.total_len}, got {arr.dtype} {arr.shape}"
                 )
+            if not self.codec.weight_proof:
+                if m["weight_commit"] or m["weight_proof"]:
+                    raise MalformedMessage(f"{name!r} sent a weight proof nobody asked for")
+                return
+            commitment = range_proof.element_from(m["weight_commit"])
+            try:
+                range_proof.verify_at_most(
+                    commitment,
+                    m["weight_proof"],
+                    self.codec.weight_bits,
+                    _proof_context(self.config.run_id, self.config.round, name),
+                )
+            except BadSignature:
+                raise BadSignature(
+                    f"the weight range proof of {name!r} does not verify: its weight may exceed "
+                    f"w_max; its vector is left out",
+                    peer=name,
+                ) from None
+            self._weight_commits[name] = commitment
 
         got = self._accept(replies, "mask", self.u2, check)
         self.u3 = list(got)
@@ -891,7 +1105,16 @@ class ServerCoordinator:
         return {p: dict(msg) for p in self.u4}
 
     def collect_unmask(self, replies: Mapping[str, Any]) -> AggregateResult:
-        """Rebuild b_j (survivors) and sk_j (dropped), remove all masks, decode the sum."""
+        """Rebuild b_j (survivors) and sk_j (dropped), remove all masks, decode the sum.
+
+        Every revealed share is checked against the commitment its dealer signed at SHARE: a
+        share that fails is dropped and its revealer named in ``bad_shares``; a secret is
+        rebuilt from the valid shares while at least ``t`` remain (else BelowThreshold naming
+        the revealers of bad shares). Valid shares that do not rebuild the committed secret
+        mean the dealer dealt inconsistent shares (BadSignature naming the dealer). The
+        decoded sum is refused (ImplausibleAggregate) when it is outside the codec's bounds or
+        the ``bounds`` given at construction.
+        """
         dropped = [p for p in self.u2 if p not in self.u3]
 
         def check(name: str, m: dict[str, Any]) -> None:
@@ -906,21 +1129,26 @@ class ServerCoordinator:
         self.u5 = list(got)
         self._need(self.u5, "revealed shares")
         run, rnd = self.config.run_id, self.config.round
+        bad: dict[str, list[str]] = {}
         minus: list[bytes] = []
         plus: list[bytes] = []
         for j in self.u3:
-            shares = [m["b_shares"][m["b_owners"].index(j)] for m in got.values()]
-            b = shamir.combine(shares, self.t)
+            b = self._rebuild(j, "b", got, bad)
             if _commit(b, run, rnd, j) != self._adverts[j]["b_commit"]:
                 raise BadSignature(
-                    f"server: rebuilt mask seed of {j!r} fails its commitment", peer=j
+                    f"server: the shares {j!r} dealt (each matching its signed commitment) do "
+                    f"not rebuild its committed mask seed: {j!r} dealt inconsistent shares",
+                    peer=j,
                 )
             minus.append(derive(b, "self-mask", run, rnd, j))
         for j in dropped:
-            shares = [m["sk_shares"][m["sk_owners"].index(j)] for m in got.values()]
-            sk = shamir.combine(shares, self.t)
+            sk = self._rebuild(j, "sk", got, bad)
             if x25519_public(sk) != self._adverts[j]["s_pk"]:
-                raise BadSignature(f"server: rebuilt key of {j!r} fails its public key", peer=j)
+                raise BadSignature(
+                    f"server: the shares {j!r} dealt (each matching its signed commitment) do "
+                    f"not rebuild its key: {j!r} dealt inconsistent shares",
+                    peer=j,
+                )
             for i in self.u3:
                 seed = pairwise_key(
                     sk,
@@ -936,9 +1164,34 @@ class ServerCoordinator:
         assert self._sum is not None
         total = self._sum
         MaskAccumulator(self.codec.dtype).apply(total, plus=plus, minus=minus)
-        decoded = self.codec.decode_sum(total, len(self.u3))
         self._sum = None
         self.stage = "done"
+        problems = self.codec.implausible(total, len(self.u3))
+        if self.codec.weight_proof and not problems:
+            product = 1
+            for j in self.u3:
+                product = product * self._weight_commits[j] % range_proof.P
+            if product != range_proof.commit(int(total[0]), self.codec.blind_sum(total)):
+                problems.append(
+                    "the weight slots do not add up to the silos' range-proven weight "
+                    "commitments (a silo encoded another weight than it proved)"
+                )
+        decoded = self.codec.decode_sum(total, len(self.u3))
+        if not problems and self.bounds is not None:
+            counters = {**decoded.counters, CLIPPED_COUNTER: float(decoded.clipped_values)}
+            problems = self.bounds.problems(counters, decoded.weight_sum, len(self.u3), self.codec)
+        if problems:
+            raise ImplausibleAggregate(
+                f"server: the unmasked sum of {len(self.u3)} silos is implausible, result "
+                f"refused: {'; '.join(problems)}"
+            )
+        bad_shares = {
+            i: f"revealed shares of {owners} that fail their dealers' commitments (dropped)"
+            for i, owners in sorted(bad.items())
+        }
+        warnings = list(decoded.warnings)
+        for i, why in bad_shares.items():
+            warnings.append(f"silo {i!r} {why}; rebuilt from the other silos' shares")
         return AggregateResult(
             mean=decoded.mean,
             weight_sum=decoded.weight_sum,
@@ -946,10 +1199,38 @@ class ServerCoordinator:
             clipped_values=decoded.clipped_values,
             n_values=decoded.n_values,
             n_contributors=decoded.n_contributors,
-            warnings=decoded.warnings,
+            warnings=warnings,
             survivors=tuple(self.u3),
             dropped=tuple(dropped),
+            bad_shares=bad_shares,
         )
+
+    def _rebuild(
+        self, owner: str, kind: str, got: Mapping[str, dict[str, Any]], bad: dict[str, list[str]]
+    ) -> bytes:
+        """``owner``'s b (kind "b") or sk (kind "sk") from the revealed shares that match the
+        commitments ``owner`` signed; revealers of the others are recorded in ``bad``."""
+        run, rnd = self.config.run_id, self.config.round
+        part = slice(0, 32) if kind == "b" else slice(32, 64)
+        label = "share-commit-" + kind
+        valid = []
+        for revealer, m in got.items():
+            share = m[f"{kind}_shares"][m[f"{kind}_owners"].index(owner)]
+            digest = hashlib.sha256(transcript(label, run, rnd, owner, revealer, share)).digest()
+            commit = self._commits.get(owner, {}).get(revealer)
+            if commit is None or not hmac.compare_digest(digest, commit[0][part]):
+                bad.setdefault(revealer, []).append(owner)
+                continue
+            valid.append(share)
+        if len(valid) < self.t:
+            culprits = sorted(r for r, owners in bad.items() if owner in owners)
+            raise BelowThreshold(
+                f"server: only {len(valid)} valid shares of {owner!r}'s "
+                f"{'mask seed' if kind == 'b' else 'key'} (threshold {self.t}); "
+                f"bad shares from {culprits}",
+                peer=culprits[0] if culprits else None,
+            )
+        return shamir.combine(valid, self.t)
 
 
 class _StateView:

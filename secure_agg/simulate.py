@@ -17,7 +17,14 @@ import numpy as np
 from .errors import ProtocolAbort
 from .keys import IdentityKey, Roster
 from .messages import STAGES, pack, unpack
-from .protocol import AggregateResult, ClientState, RoundConfig, SecAggClient, ServerCoordinator
+from .protocol import (
+    AggregateBounds,
+    AggregateResult,
+    ClientState,
+    RoundConfig,
+    SecAggClient,
+    ServerCoordinator,
+)
 
 #: Callback that sees (stage, direction, silo, message) and may return a replacement.
 Tap = Callable[[str, str, str, dict[str, Any]], dict[str, Any] | None]
@@ -69,6 +76,7 @@ def run_in_memory(
     context_hashes: Mapping[str, bytes] | None = None,
     tap: Tap | None = None,
     server_roster: bool = True,
+    bounds: AggregateBounds | None = None,
     **codec: Any,
 ) -> AggregateResult:
     """Run one full round in memory and return the server's decoded result.
@@ -77,8 +85,9 @@ def run_in_memory(
     ``unmask``) to silos that vanish before replying to that stage. ``counters`` per silo
     must use names declared via ``counter_names=`` (default: the union of their keys).
     ``tap`` sees every message (after serialisation) and may replace it: a test hook to play
-    a dishonest server or to record what the server receives. Raises what the server or a
-    client raises (ProtocolAbort subclasses, ConfigurationError).
+    a dishonest server (or a dishonest silo, on replies) or to record what the server
+    receives. ``bounds`` are the server's checks of the counter sums. Raises what the server
+    or a client raises (ProtocolAbort subclasses, ConfigurationError).
     """
     if isinstance(vectors, Mapping):
         names = list(vectors)
@@ -104,7 +113,7 @@ def run_in_memory(
         **codec,
     )
     fed = federation or Federation.create(names)
-    server = ServerCoordinator(cfg, fed.server_roster() if server_roster else None)
+    server = ServerCoordinator(cfg, fed.server_roster() if server_roster else None, bounds)
     drops = {s: set(dropouts.get(s, ())) if dropouts else set() for s in STAGES}
     gone: set[str] = set()
     ctx = context_hashes or {

@@ -49,6 +49,7 @@ from secure_agg import (
     RoundConfig,
     SecAggClient,
     SecureAggError,
+    cap_weight,
 )
 from secure_agg.flower import (
     HELLO,
@@ -78,6 +79,7 @@ from silo_client.governance.participation import (
 )
 from silo_client.home import SiloHome
 from silo_client.identity import load_identity, load_roster
+from silo_client.reply_pacing import hold_until_grid_point
 from training_plan import TrainingPlan, wire
 
 log = logging.getLogger("fedsilo.silo")
@@ -351,8 +353,11 @@ def _stage(
         if stage == "share":
             reply = client.share(state, request)
         elif stage == "mask":
+            started = time.monotonic()
             vector, weight, counters = _local_vector(home, plan, files, context, phase, round_)
             reply = client.mask(state, request, vector, weight, counters)
+            # the reply time must not tell the server how long we trained (silo_client.reply_pacing)
+            hold_until_grid_point(started)
         elif stage == "consistency":
             _check_survivors(home, plan, context, request, run_id, round_, stage)
             reply = client.consistency(state, request)
@@ -499,10 +504,12 @@ def _local_vector(
     from silo_client.governance.enforcement import check_min_examples
 
     check_min_examples(home, examples, run_id=files.stem, digest=str(context["plan_hash"]))
-    weight = float(min(examples, w_max))
+    # weight AND counters capped together, so that the sums stay within what the server checks
+    weight, counters = cap_weight(examples, counters, w_max)
     if examples > w_max:
         log.warning(
-            "secure %s round %d: %d examples exceed the plan's max_weight %d; weight capped",
+            "secure %s round %d: %d examples exceed the plan's max_weight %d; weight and "
+            "counters scaled down to it",
             phase,
             round_,
             examples,
