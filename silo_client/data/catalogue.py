@@ -208,9 +208,7 @@ class Catalogue:
                 "reason LIKE 'unsupported PhotometricInterpretation%' "
                 "OR reason LIKE 'pixel data%cannot be decoded%')"
             )
-            db.execute(
-                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
-            )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
     @classmethod
     def of_home(cls, home_root: Path) -> Catalogue:
