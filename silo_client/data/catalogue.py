@@ -361,6 +361,15 @@ class Catalogue:
         ).fetchall()
         return [(r["path"], r["reason"] or "") for r in rows]
 
+    def photometric_counts(self, name: str) -> dict[str, int]:
+        """PhotometricInterpretation -> number of the dataset's usable files."""
+        rows = self.db.execute(
+            "SELECT photometric, COUNT(*) FROM file WHERE dataset = ? AND status = 'ok' "
+            "GROUP BY photometric",
+            (name,),
+        ).fetchall()
+        return {str(r[0] or "MONOCHROME2"): int(r[1]) for r in rows}
+
     def warned(self, name: str) -> list[tuple[str, str]]:
         """(path, warnings) of every file pydicom warned about while it was read."""
         rows = self.db.execute(

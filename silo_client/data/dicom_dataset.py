@@ -42,7 +42,7 @@ from silo_client.data.dicom_read import (  # noqa: F401
     _looks_like_dicom,
     _read_dicom,
     decode_pixels,
-    is_colour,
+    misfit,
     photometric_of,
 )
 from silo_client.data.labels_csv import LabelFileWording, read_label_csv
@@ -118,18 +118,7 @@ class Preprocessing:
 
     def misfit(self, photometric: str) -> str | None:
         """Why an image of this PhotometricInterpretation does not fit, or None when it does."""
-        colour = is_colour(photometric)
-        if self.channels == 3 and not colour:
-            return (
-                f"grayscale image ({photometric}) but the plan takes colour images "
-                "(preprocessing.channels: 3)"
-            )
-        if self.channels == 1 and colour and not self.to_grayscale:
-            return (
-                f"colour image ({photometric}) but the plan takes grayscale images "
-                "(preprocessing.channels: 1; to_grayscale: true would convert it)"
-            )
-        return None
+        return misfit(photometric, self.channels, self.to_grayscale)
 
     def fingerprint(self) -> str:
         """Stable hash of the preprocessing (fields + code version), used as a cache key."""

@@ -36,6 +36,7 @@ __all__ = [
     "decode_failure",
     "decode_pixels",
     "is_colour",
+    "misfit",
     "photometric_of",
     "read_dicom",
 ]
@@ -191,6 +192,23 @@ def is_colour(photometric: str | None) -> bool:
     return (photometric or "").strip().upper() in COLOUR
 
 
+def misfit(photometric: str, channels: int, to_grayscale: bool) -> str | None:
+    """Why an image of this PhotometricInterpretation does not fit a plan taking ``channels``
+    channels (converting colour to grayscale when ``to_grayscale``), or None when it fits."""
+    colour = is_colour(photometric)
+    if channels == 3 and not colour:
+        return (
+            f"grayscale image ({photometric}) but the plan takes colour images "
+            "(preprocessing.channels: 3)"
+        )
+    if channels == 1 and colour and not to_grayscale:
+        return (
+            f"colour image ({photometric}) but the plan takes grayscale images "
+            "(preprocessing.channels: 1; to_grayscale: true would convert it)"
+        )
+    return None
+
+
 def photometric_of(ds: DicomDataset) -> tuple[str | None, str | None]:
     """(PhotometricInterpretation, None) or (None, why the image cannot be used).
 
@@ -279,6 +297,11 @@ def _decode(ds: DicomDataset) -> np.ndarray:
         fixed = _fix_sequential_jpeg_scan(ds)
         if fixed is None:
             raise
+        warnings.warn(
+            "repaired a sequential JPEG scan header (spectral selection end 0, must be 63)",
+            UserWarning,
+            stacklevel=2,
+        )
         return fixed
 
 

@@ -1074,6 +1074,11 @@ def make_colour_specs(
 ) -> list[ColourHospitalSpec]:
     """Draw the per-hospital parameters of the colour task (deterministic); writes nothing."""
     _check_args(hospitals, images_per_hospital, 0.5, image_size)
+    if image_size < 32:
+        raise DataError(
+            f"image_size must be >= 32 pixels for colour photographs, got {image_size} (JPEG 2000 "
+            "storage needs 32); pass e.g. 64"
+        )
     rng = np.random.default_rng(np.random.SeedSequence([seed, _COLOUR_STREAM, 0]))
     size_factors = _spread(rng, 0.7, 1.3, hospitals)
     positive = _spread(rng, 0.3, 0.5, hospitals)
@@ -1180,9 +1185,9 @@ def _colour_pixel_module(ds: Dataset, rgb: np.ndarray, storage: str) -> None:
     else:
         ds.PixelData = rgb.tobytes()
         if storage == "rle-rgb":
-            ds.compress(RLELossless)
+            ds.compress(RLELossless, generate_instance_uid=False)
         elif storage == "j2k-rct":
-            ds.compress(JPEG2000Lossless, use_mct=True)
+            ds.compress(JPEG2000Lossless, use_mct=True, generate_instance_uid=False)
             ds.PhotometricInterpretation = "YBR_RCT"
 
 
