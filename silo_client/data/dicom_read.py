@@ -96,13 +96,18 @@ def read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
 # ------------------------------------------------------------------------------ library messages
 
 
+_LIBRARY_LOGGERS = ("pydicom", "pylibjpeg", "libjpeg", "openjpeg", "jpeg_ls", "rle")
+"""Loggers of pydicom and its decoder plugins: their records are a file's messages too (and a
+logger without a handler would reach the terminal through logging's last resort)."""
+
+
 class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
     """Collect what pydicom (and its decoder plugins) warn about while one file is read.
 
     Real files trip pydicom's UserWarnings (excess padding, an implicit/explicit VR mismatch,
     odd values): they belong in the ingest log and the file's catalogue entry, not on the
-    operator's terminal. Inside the block, ``warnings.warn`` calls and WARNING records of the
-    ``pydicom`` logger are captured (deduplicated, in order) instead of printed.
+    operator's terminal. Inside the block, ``warnings.warn`` calls and WARNING+ records of the
+    libraries' loggers are captured (deduplicated, in order) instead of printed.
     """
 
     def __init__(self) -> None:
@@ -110,9 +115,8 @@ class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
         self.messages: list[str] = []
         self._catch = warnings.catch_warnings(record=True)
         self._records: list[warnings.WarningMessage] = []
-        self._handler = _ListHandler(self)
-        self._logger = logging.getLogger("pydicom")
-        self._propagate = True
+        self._handler = _ListHandler()
+        self._propagate: dict[str, bool] = {}
 
     def add(self, text: str) -> None:
         """Record one message (first line, trimmed) unless it is already recorded."""
@@ -123,16 +127,26 @@ class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
     def __enter__(self) -> LibraryMessages:
         self._records = self._catch.__enter__()  # type: ignore[assignment]
         warnings.simplefilter("always")
-        self._propagate = self._logger.propagate
-        self._logger.propagate = False  # pydicom logs each warning too: keep it off the root
-        self._logger.addHandler(self._handler)
+        for name in _LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            self._propagate[name] = logger.propagate
+            logger.propagate = False
+            logger.addHandler(self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._logger.removeHandler(self._handler)
-        self._logger.propagate = self._propagate
+        for name, propagate in self._propagate.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(self._handler)
+            logger.propagate = propagate
+        warned = set()
         for record in self._records:
+            warned.add(_one_line_text(str(record.message)))
             self.add(f"{record.category.__name__}: {record.message}")
+        for name, level, message in self._handler.records:
+            # pydicom's warn_and_log sends each warning to its logger too: keep one copy.
+            if _one_line_text(message) not in warned:
+                self.add(f"{name} {level.lower()}: {message}")
         self._catch.__exit__(*exc)  # type: ignore[arg-type]
 
     def text(self) -> str | None:
@@ -141,15 +155,12 @@ class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
 
 
 class _ListHandler(logging.Handler):
-    def __init__(self, sink: LibraryMessages) -> None:
+    def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
-        self._sink = sink
+        self.records: list[tuple[str, str, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        # warn_and_log sends the same text as a UserWarning: that copy names the category.
-        message = record.getMessage()
-        if not any(m.endswith(": " + _one_line_text(message)) for m in self._sink.messages):
-            self._sink.add(f"UserWarning: {message}")
+        self.records.append((record.name.split(".")[0], record.levelname, record.getMessage()))
 
 
 def _one_line_text(text: str) -> str:

@@ -452,6 +452,11 @@ def test_mixed_dataset_skips_what_does_not_fit(tmp_path: Path, colour_hospital: 
     )
     one = build_catalogued_dataset(home.dataset_folder("default"), Preprocessing(input_size=16))
     assert len(one) == 1 and dict(one.skipped)["img-0000.dcm"].startswith("colour image (")
+    from silo_client.data.checks import check_dataset
+
+    with Catalogue.of_home(home.root) as catalogue:
+        codes = {w.code: w.message for w in check_dataset(catalogue, "default", 1)}
+    assert codes["mixed-colour"].startswith("grayscale and colour images (MONOCHROME2: 1, ")
 
 
 def test_plan_channels_schema_and_model() -> None:

@@ -20,14 +20,14 @@ from silo_client.data.synthetic import generate_colour_hospitals, generate_hospi
 from silo_client.home import SiloHome, init_silo_home
 from training_plan import parse_plan
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 PLAN = (
     "title: colour\n"
     "model: {name: resnet10}\n"
     "preprocessing: {input_size: 32, channels: 3}\n"
     "training: {batch_size: 8, local_epochs: 1}\n"
-    "federation: {rounds: 2, min_silos: 3, evaluate_every: 1}\n"
+    "federation: {rounds: 1, min_silos: 3, evaluate_every: 1}\n"
     "secure_aggregation: {max_weight: 40}\n"
 )
 
@@ -89,17 +89,18 @@ def test_colour_plan_trains_through_secure_aggregation(tmp_path: Path) -> None:
             {"plan-path": str(plan_path), "out-dir": str(out), "run-id": "colour",
              "stage-timeout": 60},
         )  # fmt: skip
-        _wait_for_end(out / "events.jsonl", 600)
+        _wait_for_end(out / "events.jsonl", 900)
     events = read_events(out / "events.jsonl")
     kinds = [e["event"] for e in events]
     assert "run-finished" in kinds, events[-1]
     rounds = [e for e in events if e["event"] == "round-finished"]
-    assert len(rounds) == 2
+    assert len(rounds) == 1
     for event in rounds:
         assert event["participants"] == 3
         assert len(event["refused"]) == 1, event["refused"]
         (reason,) = event["refused"].values()
-        assert "none of this site's images fit the plan: they are grayscale" in reason
+        assert "none of this site's images fit the plan: they are grayscale (MONOCHROME2)" in reason
+        assert event["evaluate"]["secure-contributors"] == 3.0
         assert "takes colour images (preprocessing.channels: 3)" in reason
     first = load_model(out / "rounds" / "round-000.safetensors")
     final = load_model(out / "final_model.safetensors")
