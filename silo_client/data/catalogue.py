@@ -473,6 +473,11 @@ def reason_category(reason: str) -> str:
     """Group skip reasons for a summary: drop per-file details in parentheses and UIDs."""
     if reason.startswith("non-image SOP class"):
         return reason  # names the class and what it is; the same for every such file
+    if reason.startswith("pixel data in ") and " cannot be decoded" in reason:
+        # the syntax name has parentheses of its own: "JPEG Baseline (Process 1)"
+        head, _, rest = reason.partition(" cannot be decoded")
+        missing = ": codec missing" if rest.startswith(": codec missing") else ""
+        return f"{head} cannot be decoded{missing}"
     head = reason.split(" (")[0]
     if head.startswith("duplicate of "):
         return "duplicate SOPInstanceUID"

@@ -216,6 +216,20 @@ def test_a_missing_codec_is_named(tmp_path: Path) -> None:
     assert out.stderr.strip() == ""
 
 
+def test_decode_failures_are_grouped_by_syntax() -> None:
+    from silo_client.data.catalogue import reason_category
+
+    missing = (
+        "pixel data in JPEG Baseline (Process 1) cannot be decoded: codec missing (pylibjpeg - "
+        "requires pylibjpeg>=2.0)"
+    )
+    assert reason_category(missing) == (
+        "pixel data in JPEG Baseline (Process 1) cannot be decoded: codec missing"
+    )
+    broken = "pixel data in JPEG 2000 Image Compression cannot be decoded (pylibjpeg: bad header)"
+    assert reason_category(broken) == "pixel data in JPEG 2000 Image Compression cannot be decoded"
+
+
 def test_decode_failure_keeps_the_plugins_complaint() -> None:
     exc = RuntimeError("Unable to decode:\n  pylibjpeg: bad marker\n  pillow: nope")
     assert decode_failure(JPEGBaseline8Bit, exc) == (
