@@ -19,7 +19,7 @@ import pytest
 import torch
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 from typer.testing import CliRunner
 
 from silo_client.cli import app
@@ -96,6 +96,12 @@ def rle_rgb_file(rgb: np.ndarray) -> pydicom.Dataset:
     return ds
 
 
+def jpeg_ls_rgb_file(rgb: np.ndarray) -> pydicom.Dataset:
+    ds = _colour_dataset(rgb)
+    ds.compress(JPEGLSLossless)
+    return ds
+
+
 def palette_file(rgb: np.ndarray) -> tuple[pydicom.Dataset, np.ndarray]:
     """PALETTE COLOR: 8-bit indices into 16-bit red/green/blue LUTs; returns the expected RGB."""
     n = rgb.shape[0]
@@ -117,6 +123,7 @@ COLOUR = {
     "YBR_FULL_422": (jpeg_ybr_422_file, 6.0),  # lossy JPEG, subsampled chroma
     "YBR_RCT": (j2k_rct_file, 0.0),
     "RLE-RGB": (rle_rgb_file, 0.0),
+    "JPEG-LS-RGB": (jpeg_ls_rgb_file, 0.0),
 }
 
 
@@ -159,6 +166,8 @@ def test_palette_colour_is_looked_up(tmp_path: Path) -> None:
         "examples_palette.dcm",  # PALETTE COLOR
         "SC_rgb_rle_16bit_2frame.dcm",  # 16-bit RGB, RLE, 2 frames
         "JPGExtended.dcm",  # 12-bit JPEG Extended, grayscale
+        "image_dfl.dcm",  # Deflated Explicit VR Little Endian
+        "MR_small_bigendian.dcm",  # Explicit VR Big Endian
     ],
 )
 def test_pydicom_sample_files_are_usable(name: str) -> None:
