@@ -8,7 +8,9 @@ Layout of a registered dataset folder::
 Pipeline per image: read with pydicom, apply the modality LUT (RescaleSlope/Intercept, a
 missing slope counts as 1 and a missing intercept as 0), window to [0, 1] (the plan's window,
 else the file's WindowCenter/Width, else the image's min/max), invert MONOCHROME1, pad to a
-square and resize to ``input_size`` with anti-aliasing (a MONAI ``Compose``).
+square and resize to ``input_size`` with anti-aliasing (a MONAI ``Compose``). Colour images
+(RGB, YBR_*, PALETTE COLOR) are decoded to RGB and scaled by their full range; the plan's
+``channels`` keeps them as RGB (3) or takes their luma (1, with ``to_grayscale``).
 
 Files that cannot be used are skipped with a precise reason (``LocalDataset.skipped``);
 nothing is dropped silently. Bad input raises :class:`~silo_client.errors.DataError` with a
@@ -361,9 +363,10 @@ def _iter_scan(folder: Path) -> Iterator[tuple[str, _Decoded | None, str | None]
 def scan_dicom_folder(folder: Path) -> ScanResult:
     """List the usable DICOM images under ``folder`` (recursively) and why others are skipped.
 
-    Skip reasons include: not a DICOM file, unreadable DICOM, non-image SOP class, no pixel
-    data, unsupported PhotometricInterpretation, multi-frame, undecodable pixel data,
-    duplicate SOPInstanceUID. Raises DataError if ``folder`` is not a directory.
+    Colour images are instances too. Skip reasons include: not a DICOM file, unreadable DICOM,
+    non-image SOP class, no pixel data, unsupported PhotometricInterpretation, multi-frame,
+    undecodable pixel data (naming a missing codec), duplicate SOPInstanceUID. Raises DataError
+    if ``folder`` is not a directory.
     """
     folder = Path(folder)
     if not folder.is_dir():
