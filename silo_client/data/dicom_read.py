@@ -10,6 +10,8 @@ warnings about a file are collected (:class:`LibraryMessages`), never printed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -115,8 +117,9 @@ class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
         self.messages: list[str] = []
         self._catch = warnings.catch_warnings(record=True)
         self._records: list[warnings.WarningMessage] = []
-        self._handler = _ListHandler()
-        self._propagate: dict[str, bool] = {}
+        self._logged: list[tuple[str, str, str]] = []
+        self._token: contextvars.Token | None = None
+        self._propagate: list[bool] = []
 
     def add(self, text: str) -> None:
         """Record one message (first line, trimmed) unless it is already recorded."""
@@ -127,23 +130,23 @@ class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
     def __enter__(self) -> LibraryMessages:
         self._records = self._catch.__enter__()  # type: ignore[assignment]
         warnings.simplefilter("always")
-        for name in _LIBRARY_LOGGERS:
-            logger = logging.getLogger(name)
-            self._propagate[name] = logger.propagate
+        loggers = _library_loggers()
+        self._propagate = [logger.propagate for logger in loggers]
+        for logger in loggers:
             logger.propagate = False
-            logger.addHandler(self._handler)
+        self._token = _COLLECTING.set(self._logged)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name, propagate in self._propagate.items():
-            logger = logging.getLogger(name)
-            logger.removeHandler(self._handler)
+        if self._token is not None:
+            _COLLECTING.reset(self._token)
+        for logger, propagate in zip(_library_loggers(), self._propagate, strict=True):
             logger.propagate = propagate
         warned = set()
         for record in self._records:
             warned.add(_one_line_text(str(record.message)))
             self.add(f"{record.category.__name__}: {record.message}")
-        for name, level, message in self._handler.records:
+        for name, level, message in self._logged:
             # pydicom's warn_and_log sends each warning to its logger too: keep one copy.
             if _one_line_text(message) not in warned:
                 self.add(f"{name} {level.lower()}: {message}")
@@ -154,13 +157,31 @@ class LibraryMessages(contextlib.AbstractContextManager["LibraryMessages"]):
         return "; ".join(self.messages) if self.messages else None
 
 
-class _ListHandler(logging.Handler):
+_COLLECTING: contextvars.ContextVar[list[tuple[str, str, str]] | None] = contextvars.ContextVar(
+    "fedsilo_library_messages", default=None
+)
+
+
+class _CollectingHandler(logging.Handler):
+    """Installed once on each library logger: hands records to the active collector, if any
+    (adding and removing a handler per file would cost more than the capture itself)."""
+
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
-        self.records: list[tuple[str, str, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.name.split(".")[0], record.levelname, record.getMessage()))
+        sink = _COLLECTING.get()
+        if sink is not None:
+            sink.append((record.name.split(".")[0], record.levelname, record.getMessage()))
+
+
+@functools.cache
+def _library_loggers() -> tuple[logging.Logger, ...]:
+    handler = _CollectingHandler()
+    loggers = tuple(logging.getLogger(name) for name in _LIBRARY_LOGGERS)
+    for logger in loggers:
+        logger.addHandler(handler)
+    return loggers
 
 
 def _one_line_text(text: str) -> str:
