@@ -30,6 +30,8 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
+from silo_client.data.file_probe import dicom_prefix, truncation
+
 __all__ = [
     "COLOUR",
     "GRAYSCALE",
@@ -42,6 +44,8 @@ __all__ = [
     "photometric_of",
     "read_dicom",
 ]
+
+_NOT_DICOM = "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -65,18 +69,27 @@ def _looks_like_dicom(ds: DicomDataset) -> bool:
 
 def _read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
     """Read a file; tolerate a missing preamble / file meta, reject non-DICOM bytes."""
+    # Decided from the first bytes: a large non-DICOM file costs one small read, not a
+    # forced parse of all its bytes.
     try:
-        return pydicom.dcmread(path), None
-    except InvalidDicomError:
-        pass
-    except Exception as exc:
-        return None, f"unreadable DICOM ({_one_line(exc)})"
+        prefix = dicom_prefix(path)
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if prefix == "no":
+        return None, _NOT_DICOM
+    if prefix == "dicm":
+        try:
+            return pydicom.dcmread(path), None
+        except InvalidDicomError:
+            pass
+        except Exception as exc:
+            return None, truncation(path) or f"unreadable DICOM ({_one_line(exc)})"
     # No 128-byte preamble + 'DICM': real exports sometimes omit it. Try a forced read, but
     # only accept it when every tag parsed is a plausible image-dataset tag.
     try:
         ds = pydicom.dcmread(path, force=True)
         if not _looks_like_dicom(ds):
-            return None, "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
+            return None, truncation(path) or _NOT_DICOM
         if "TransferSyntaxUID" not in ds.file_meta:
             implicit, little = ds.original_encoding
             if implicit:
@@ -87,7 +100,7 @@ def _read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
                 ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
         return ds, None
     except Exception:
-        return None, "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
+        return None, truncation(path) or _NOT_DICOM
 
 
 def read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
@@ -374,7 +387,7 @@ def _sos_offset(data: bytearray) -> int | None:
 
 def decode_failure(syntax: object, exc: BaseException) -> str:
     """Why pixel data did not decode: the missing codec when no decoder is installed for the
-    transfer syntax, else the decoders' own first complaint."""
+    transfer syntax, else what each decoder said (on one line)."""
     if not syntax:
         return f"pixel data cannot be decoded ({_one_line(exc)})"
     uid = UID(str(syntax))
@@ -393,8 +406,10 @@ def decode_failure(syntax: object, exc: BaseException) -> str:
     if decoder is not None and not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
         return f"pixel data in {name} cannot be decoded: codec missing ({missing})"
-    detail = str(exc).strip().splitlines()
-    plugin_lines = [ln.strip() for ln in detail[1:] if ln.strip()]
-    why = plugin_lines[0] if plugin_lines else (detail[0] if detail else type(exc).__name__)
-    why = why if len(why) <= 160 else why[:157] + "..."
+    # pydicom puts each plugin's own cause on the lines after its first: keep them all.
+    detail = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    plugin_lines = detail[1:]
+    why = "; ".join(plugin_lines) if plugin_lines else (detail[0] if detail else "")
+    why = why or type(exc).__name__
+    why = why if len(why) <= 400 else why[:397] + "..."
     return f"pixel data in {name} cannot be decoded ({why})"

@@ -242,7 +242,8 @@ def test_decode_failures_are_grouped_by_syntax() -> None:
 def test_decode_failure_keeps_the_plugins_complaint() -> None:
     exc = RuntimeError("Unable to decode:\n  pylibjpeg: bad marker\n  pillow: nope")
     assert decode_failure(JPEGBaseline8Bit, exc) == (
-        "pixel data in JPEG Baseline (Process 1) cannot be decoded (pylibjpeg: bad marker)"
+        "pixel data in JPEG Baseline (Process 1) cannot be decoded (pylibjpeg: bad marker; "
+        "pillow: nope)"
     )
 
 
