@@ -389,6 +389,9 @@ def _local_vector(
 
     check_min_examples(home, examples, run_id=files.stem, digest=str(context["plan_hash"]))
     weight = float(min(examples, w_max))
+    if phase == "train" and plan.privacy is not None:
+        # DP: equal weights, so the masked update depends on the data only through DP-SGD
+        weight = w_max
     if examples > w_max:
         log.warning(
             "secure %s round %d: %d examples exceed the plan's max_weight %d; weight capped",
