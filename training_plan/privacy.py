@@ -135,3 +135,23 @@ def plan_budget(plan: TrainingPlan) -> PrivacyBudget:
         rounds=rounds,
         accountant=spec.accountant,
     )
+
+
+def released_guarantee(plan: TrainingPlan, rounds_trained: int) -> str:
+    """The released model's guarantee as the plan states it, for reports and model cards.
+
+    Computed from the plan alone (the consortium knows nothing else): a silo that skipped rounds
+    spent less, and its own ledger (``silo privacy show``) holds what it actually spent.
+    """
+    if plan.privacy is None:
+        return (
+            "no differential-privacy guarantee (the plan has no privacy section): the model "
+            "may reveal whether a patient was in a silo's training data"
+        )
+    budget = plan_budget(plan)
+    return (
+        budget.statement(rounds_trained)
+        + f"; the plan's target was epsilon {budget.target_epsilon:g} over {budget.rounds} "
+        "round(s). The guarantee covers the model weights; the securely summed counters "
+        "(examples, loss, evaluation metrics) carry no DP noise"
+    )

@@ -54,7 +54,11 @@ class PrivacyLedgerError(SiloError):
 
 
 class PrivacyBudgetExceeded(PlanRefused):
-    """A DP round would spend more than the plan's budget or the site's per-dataset maximum."""
+    """A DP round would spend more than the plan's budget or the site's per-dataset maximum.
+
+    The message is what the server may learn (which limit, no figure of this site's ledger);
+    the audit entry ``privacy-refused`` keeps the figures locally.
+    """
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ class PrivacyLedger:
         with self._connect(write=True) as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                spend, refusal = self._charge(
+                spend, refusal, public = self._charge(
                     db, dataset, run_id, plan_hash, budget, max_epsilon
                 )
                 if refusal is None:
@@ -188,7 +192,7 @@ class PrivacyLedger:
                 server_round=server_round,
                 reason=refusal,
             )
-            raise PrivacyBudgetExceeded(refusal)
+            raise PrivacyBudgetExceeded(public or refusal)
         assert spend is not None
         audit(
             self.root,
@@ -214,7 +218,8 @@ class PrivacyLedger:
         plan_hash: str,
         budget: PrivacyBudget,
         max_epsilon: float | None,
-    ) -> tuple[PrivacySpend | None, str | None]:
+    ) -> tuple[PrivacySpend | None, str | None, str | None]:
+        """(the spend, or None with the local reason and the reason the server may read)."""
         row = db.execute(
             "SELECT * FROM spends WHERE dataset = ? AND run_id = ? AND plan_hash = ?",
             (dataset, run_id, plan_hash),
@@ -223,10 +228,13 @@ class PrivacyLedger:
         after = budget.epsilon_after(done + 1)
         limit = budget.target_epsilon * (1 + EPSILON_SLACK)
         if after > limit:
-            return None, (
+            return (
+                None,
                 f"privacy budget: round {done + 1} of this run would bring epsilon on dataset "
                 f"'{dataset}' to {after:.3f}, above the plan's target {budget.target_epsilon:g} "
-                f"(this run has trained {done} round(s))"
+                f"(this run has trained {done} round(s))",
+                "privacy budget: this round would exceed the plan's target epsilon "
+                "(the silo has already trained the rounds the plan accounts for)",
             )
         others = db.execute(
             "SELECT COALESCE(SUM(epsilon), 0) FROM spends WHERE dataset = ? "
@@ -234,10 +242,13 @@ class PrivacyLedger:
             (dataset, run_id, plan_hash),
         ).fetchone()[0]
         if max_epsilon is not None and others + after > max_epsilon * (1 + EPSILON_SLACK):
-            return None, (
+            return (
+                None,
                 f"privacy budget: dataset '{dataset}' has spent epsilon {others:.3f} in other "
                 f"runs; this round would bring it to {others + after:.3f}, above this site's "
-                f"maximum {max_epsilon:g} (policy privacy_max_epsilon)"
+                f"maximum {max_epsilon:g} (policy privacy_max_epsilon)",
+                "privacy budget: this round would exceed this site's privacy budget for the "
+                "dataset",
             )
         now = _now()
         spend = PrivacySpend(
@@ -262,7 +273,7 @@ class PrivacyLedger:
         db.execute(
             f"INSERT OR REPLACE INTO spends ({columns}) VALUES ({marks})", tuple(values.values())
         )
-        return spend, None
+        return spend, None, None
 
 
 def review_lines(
