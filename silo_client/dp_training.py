@@ -121,7 +121,14 @@ def train_private(
         for index in chosen:
             rows = patients[int(index)]
             patient_loss = _patient_gradient(
-                model, params, inputs, targets, rows, spec.batch_size, loss_fn, augment,
+                model,
+                params,
+                inputs,
+                targets,
+                rows,
+                spec.batch_size,
+                loss_fn,
+                augment,
                 spatial_targets,
             )
             norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None))

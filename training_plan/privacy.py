@@ -122,7 +122,10 @@ def plan_budget(plan: TrainingPlan) -> PrivacyBudget:
     sigma = spec.noise_multiplier
     if sigma is None:
         sigma = noise_for_target(
-            spec.target_epsilon, spec.target_delta, spec.sampling_rate, steps * rounds,
+            spec.target_epsilon,
+            spec.target_delta,
+            spec.sampling_rate,
+            steps * rounds,
             spec.accountant,
         )
     return PrivacyBudget(

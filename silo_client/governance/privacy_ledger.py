@@ -297,7 +297,8 @@ def review_lines(
     else:
         after = max_epsilon - total.epsilon - planned
         verdict = (
-            f"{after:.3f} would remain" if after >= -max_epsilon * EPSILON_SLACK
+            f"{after:.3f} would remain"
+            if after >= -max_epsilon * EPSILON_SLACK
             else f"EXCEEDS the maximum by {-after:.3f}: rounds past the budget will be refused"
         )
         lines.append(
