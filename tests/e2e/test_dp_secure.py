@@ -95,6 +95,9 @@ def test_dp_rounds_through_secure_aggregation(tmp_path: Path) -> None:
             900,
             "the end of the run",
         )
+        if "run-finished" in [e["event"] for e in read_events(events_path)]:
+            # the ServerApp exports the model (and its card) just after writing run-finished
+            _wait_for((out / "model" / "MODEL_CARD.md").exists, 120, "the model card")
     events = read_events(events_path)
     assert "run-finished" in [e["event"] for e in events], events[-1]
     rounds = [e for e in events if e["event"] == "round-finished"]

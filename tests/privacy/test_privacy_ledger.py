@@ -180,3 +180,15 @@ def test_privacy_show_and_plan_review(tmp_path: Path) -> None:
     assert f"would spend epsilon {planned:.3f}" in review.stdout
     assert f"{10 - spend.epsilon - planned:.3f} would remain" in review.stdout
     assert "patient-level DP-SGD, target epsilon 4" in review.stdout
+
+
+def test_bad_privacy_policy_is_one_line_naming_the_key() -> None:
+    from silo_client.governance.policy import PolicyError, parse_policy
+
+    text = "require_signed_plans: false\nprivacy_max_epsilon_by_dataset: {default: -1}\n"
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text)
+    message = str(info.value)
+    assert message.startswith("policy.yaml:2")
+    assert "dataset 'default': the maximum epsilon must be above 0" in message
+    assert "\n" not in message
