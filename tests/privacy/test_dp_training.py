@@ -131,3 +131,32 @@ def test_plan_models_without_batch_norm_train() -> None:
 
     for norm in ("instance", "group"):
         refuse_batch_norm(build_model("resnet10", norm=norm))
+
+
+def test_segmentation_network_trains_per_patient() -> None:
+    """The plan's 3-D UNet with the Dice loss: one DP round over patients' volumes."""
+    from monai.networks.nets import UNet
+
+    from silo_client.training import segmentation_loss
+
+    torch.manual_seed(1)
+    model = UNet(3, 1, 1, channels=(8, 16), strides=(2,), norm="instance")
+    volumes = torch.rand(5, 1, 16, 16, 16)
+    masks = (volumes > 0.7).float()
+    budget = _budget(1.0, rate=0.5).__class__(
+        **{**_budget(1.0, rate=0.5).__dict__, "steps_per_round": 2}
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_private(
+        model,
+        volumes,
+        masks,
+        ["a", "a", "b", "c", "c"],
+        SGD.model_copy(update={"learning_rate": 0.01}),
+        budget,
+        0,
+        segmentation_loss("dice"),
+        spatial_targets=True,
+    )
+    assert result.steps == 2 and np.isfinite(result.mean_loss)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
