@@ -145,6 +145,17 @@ def add(
     )
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         console.print(f"  skipped {n}: {reason}")
+    if summary.undelivered:
+        console.print(
+            f"[yellow]warning[/] the PACS did not deliver {len(summary.undelivered)} of the "
+            "instances the query selects; the rest is registered and usable (run the same "
+            f"'silo data add' again to ask for them once more; 'silo data show {name} --files' "
+            "lists them):"
+        )
+        for sop, why in summary.undelivered[:10]:
+            console.print(f"  {sop}: {why}", markup=False)
+        if len(summary.undelivered) > 10:
+            console.print(f"  ... and {len(summary.undelivered) - 10} more")
     console.print(
         f"catalogue: {cat['ok']} usable, {cat['skipped']} skipped; labels "
         + ", ".join(f"{k}: {v}" for k, v in cat["labels"].items())
@@ -194,8 +205,15 @@ def show(
     with Catalogue.of_home(silo.root) as catalogue:
         summary = catalogue.summary(name)
         skipped = catalogue.skipped(name)
+        undelivered = catalogue.undelivered(name)
     if as_json:
-        _emit({**summary, "skipped_files": [{"path": p, "reason": r} for p, r in skipped]})
+        _emit(
+            {
+                **summary,
+                "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
+                "undelivered_instances": [{"sop_uid": u, "reason": r} for u, r in undelivered],
+            }
+        )
         return
     s = summary
     head = f"dataset '{name}' ({s['source_kind']}) {s['source']} ({s['state']})"
@@ -212,9 +230,13 @@ def show(
         console.print(f"  skipped {n}: {reason}")
     if s["unmatched_label_lines"]:
         console.print(f"  label rows matching nothing: lines {s['unmatched_label_lines'][:20]}")
+    if undelivered:
+        console.print(f"  not delivered by the PACS: {len(undelivered)} instance(s)")
     if files:
         for path, reason in skipped:
-            console.print(f"    {path}: {reason}")
+            console.print(f"    {path}: {reason}", markup=False)
+        for sop, reason in undelivered:
+            console.print(f"    (not delivered) {sop}: {reason}", markup=False)
 
 
 @data_app.command("check")

@@ -86,6 +86,11 @@ CREATE TABLE IF NOT EXISTS file (
     PRIMARY KEY (dataset, path)
 );
 CREATE INDEX IF NOT EXISTS file_sop ON file (dataset, sop_uid);
+-- instances a PACS listed for the dataset's query but did not deliver (the newest pull's)
+CREATE TABLE IF NOT EXISTS undelivered (
+    dataset TEXT NOT NULL, sop_uid TEXT NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (dataset, sop_uid)
+);
 CREATE TABLE IF NOT EXISTS label (
     dataset TEXT NOT NULL, key_value TEXT NOT NULL, label INTEGER NOT NULL, line INTEGER NOT NULL,
     PRIMARY KEY (dataset, key_value)
@@ -251,7 +256,7 @@ class Catalogue:
         """Forget a dataset and everything recorded about it; returns its number of files."""
         with self.transaction() as db:
             n = db.execute("SELECT COUNT(*) FROM file WHERE dataset = ?", (name,)).fetchone()[0]
-            for table in ("file", "label", "series", "study"):
+            for table in ("file", "label", "series", "study", "undelivered"):
                 db.execute(f"DELETE FROM {table} WHERE dataset = ?", (name,))
             db.execute("DELETE FROM dataset WHERE name = ?", (name,))
         return int(n)
@@ -290,6 +295,22 @@ class Catalogue:
                 "INSERT OR IGNORE INTO series VALUES (?, ?, ?, ?)",
                 [(name, r.series_uid or "", r.study_uid, r.modality) for r in ok],
             )
+
+    def record_undelivered(self, name: str, items: Iterable[tuple[str, str]]) -> None:
+        """Replace the (SOPInstanceUID, reason) of instances the newest pull did not get."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM undelivered WHERE dataset = ?", (name,))
+            db.executemany(
+                "INSERT OR REPLACE INTO undelivered VALUES (?, ?, ?)",
+                [(name, sop, reason) for sop, reason in items],
+            )
+
+    def undelivered(self, name: str) -> list[tuple[str, str]]:
+        """(SOPInstanceUID, reason) of instances the PACS listed but did not deliver."""
+        rows = self.db.execute(
+            "SELECT sop_uid, reason FROM undelivered WHERE dataset = ? ORDER BY sop_uid", (name,)
+        ).fetchall()
+        return [(r["sop_uid"], r["reason"]) for r in rows]
 
     def forget_files(self, name: str, paths: Iterable[str]) -> None:
         """Drop the records of files that are gone from the source."""
@@ -410,6 +431,7 @@ class Catalogue:
             "dimensions": dict(sorted(dims.items())),
             "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
             "unmatched_label_lines": self.unmatched_labels(name),
+            "undelivered": len(self.undelivered(name)),
         }
 
 

@@ -13,7 +13,11 @@ from pydicom.dataset import Dataset as DicomDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from silo_client.data.file_probe import dicom_prefix, truncation
+
 __all__ = ["read_dicom"]
+
+_NOT_DICOM = "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -37,18 +41,27 @@ def _looks_like_dicom(ds: DicomDataset) -> bool:
 
 def _read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
     """Read a file; tolerate a missing preamble / file meta, reject non-DICOM bytes."""
+    # Decided from the first bytes: a large non-DICOM file costs one small read, not a
+    # forced parse of all its bytes.
     try:
-        return pydicom.dcmread(path), None
-    except InvalidDicomError:
-        pass
-    except Exception as exc:
-        return None, f"unreadable DICOM ({_one_line(exc)})"
+        prefix = dicom_prefix(path)
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if prefix == "no":
+        return None, _NOT_DICOM
+    if prefix == "dicm":
+        try:
+            return pydicom.dcmread(path), None
+        except InvalidDicomError:
+            pass
+        except Exception as exc:
+            return None, truncation(path) or f"unreadable DICOM ({_one_line(exc)})"
     # No 128-byte preamble + 'DICM': real exports sometimes omit it. Try a forced read, but
     # only accept it when every tag parsed is a plausible image-dataset tag.
     try:
         ds = pydicom.dcmread(path, force=True)
         if not _looks_like_dicom(ds):
-            return None, "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
+            return None, truncation(path) or _NOT_DICOM
         if "TransferSyntaxUID" not in ds.file_meta:
             implicit, little = ds.original_encoding
             if implicit:
@@ -59,7 +72,7 @@ def _read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:
                 ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
         return ds, None
     except Exception:
-        return None, "not a DICOM file (no 'DICM' marker and no parseable DICOM image tags)"
+        return None, truncation(path) or _NOT_DICOM
 
 
 def read_dicom(path: Path) -> tuple[DicomDataset | None, str | None]:

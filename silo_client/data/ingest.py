@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,12 +39,14 @@ from silo_client.data.catalogue import (
     reason_category,
 )
 from silo_client.data.dicom_read import read_dicom
+from silo_client.data.file_probe import truncation
 from silo_client.data.labels_csv import LabelFileWording, read_label_csv
 from silo_client.errors import DataError
 
 __all__ = [
     "MARKER_FILE",
     "IngestSummary",
+    "PullResult",
     "ingest_folder",
     "inspect_file",
     "load_frames",
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 
 MARKER_FILE = "fedsilo-dataset.json"
 _BATCH = 256
+_COMMIT_S = 1.0  # at most this much reading is lost to an interrupt
 _SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 # Words in a SOP class name -> what the object is, for precise skip reasons.
@@ -63,6 +67,7 @@ _NON_IMAGE_KINDS: tuple[tuple[str, str], ...] = (
     ("SR Storage", "a structured report (SR)"),
     ("Presentation State", "a presentation state"),
     ("RT Plan", "an RT plan"),
+    ("RT Ion Plan", "an RT ion plan"),
     ("RT Structure Set", "an RT structure set"),
     ("RT Dose", "an RT dose grid"),
     ("Key Object Selection", "a key object selection (KOS)"),
@@ -82,10 +87,12 @@ def managed_folder(home_root: Path, name: str) -> Path:
 # ------------------------------------------------------------------------------------ files
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else type(exc).__name__
-    return msg if len(msg) <= 160 else msg[:157] + "..."
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    # All of the message on one line: pydicom puts a decoder's real cause (which plugin is
+    # missing, what the codec said) on the lines after its first.
+    text = " ".join(str(exc).split())
+    msg = text or type(exc).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def _num(ds: DicomDataset, keyword: str, index: int = 0) -> float | None:
@@ -181,6 +188,14 @@ def _read(path: Path) -> tuple[DicomDataset | None, str | None]:
     return read_dicom(path)
 
 
+def _truncated_or(path: Path, reason: str | None) -> str | None:
+    """A half-copied export says so: pixel data that is absent or cannot be decoded because
+    the file ends early is 'truncated file ...', not a missing tag or a codec error."""
+    if reason and (reason.startswith("no pixel data") or "cannot be decoded" in reason):
+        return truncation(path) or reason
+    return reason
+
+
 def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
     """Read and decode one file; an ``ok`` record with metadata, or ``skipped`` with why."""
     ds, reason = _read(path)
@@ -189,7 +204,7 @@ def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
     try:
         stack, reason = _examine(ds)
         if stack is None:
-            return FileRecord(rel, size, mtime_ns, "skipped", reason)
+            return FileRecord(rel, size, mtime_ns, "skipped", _truncated_or(path, reason))
         study = str(ds.StudyInstanceUID).strip()
         patient = str(ds.get("PatientID", "") or "").strip()
         accession = str(ds.get("AccessionNumber", "") or "").strip()
@@ -295,6 +310,7 @@ class IngestSummary:
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     catalogue: dict[str, Any] = field(default_factory=dict)
+    undelivered: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -315,27 +331,127 @@ class IngestSummary:
             "seconds": round(self.seconds, 3),
             "files_per_second": round(self.rate, 1),
             "new_skip_reasons": self.reasons,
+            "undelivered": [{"sop_uid": s, "reason": r} for s, r in self.undelivered],
             "catalogue": self.catalogue,
         }
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, str, os.stat_result]]:
-    """Every regular file under ``root`` (sorted, relative POSIX paths), skipping our marker."""
-    entries: list[tuple[str, Path, os.stat_result]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+@dataclass
+class PullResult:
+    """What a PACS pull did: instances written, the instances the PACS listed for the query
+    but did not deliver as (SOPInstanceUID, why), and how many the query selects."""
+
+    written: int
+    undelivered: list[tuple[str, str]] = field(default_factory=list)
+    listed: int = 0
+
+
+@dataclass(frozen=True)
+class WalkEntry:
+    """One thing found under an ingested folder: a regular file to read, or something that
+    cannot be read (a dangling symlink, a symlink loop, an unreadable folder) with ``reason``.
+
+    ``rel`` is the path relative to the root as the catalogue stores it (:func:`stored_path`);
+    ``size``/``mtime_ns`` come from the file (or, for what cannot be followed, the link or
+    folder itself), so a re-run sees an unchanged entry as unchanged.
+    """
+
+    path: Path
+    rel: str
+    size: int
+    mtime_ns: int
+    reason: str | None = None
+
+
+def stored_path(rel: str) -> str:
+    """How a relative path is stored in the catalogue (SQLite text is UTF-8).
+
+    A file name that is not valid UTF-8 reaches Python surrogate-escaped (os.fsdecode); such
+    a name is stored with its undecodable bytes written as ``\\xNN``, so the file is recorded
+    (and shown to the operator) instead of crashing the batch.
+    """
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _entry(path: Path, root: Path, st: os.stat_result, reason: str | None = None) -> WalkEntry:
+    rel = stored_path(path.relative_to(root).as_posix())
+    return WalkEntry(path, rel, st.st_size, st.st_mtime_ns, reason)
+
+
+def _link_reason(path: Path, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (the link resolves to itself); fix or remove the link"
+    if exc.errno == errno.ENOENT:
+        target = os.readlink(path) if path.is_symlink() else "?"
+        return (f"dangling symbolic link (its target {stored_path(target)} does not exist); "
+                "fix or remove the link")  # fmt: skip
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def _walk(root: Path) -> Iterator[WalkEntry]:
+    """Everything under ``root`` (sorted by relative path), skipping our marker: regular files,
+    and, with a reason, what cannot be read, so nothing under the folder goes unaccounted for.
+
+    Folder symlinks are followed (exports often link series folders) but a folder already
+    visited on this walk (a symlink loop or a second link to it) is recorded, not entered again.
+    """
+    entries: list[WalkEntry] = []
+    root_st = root.stat()
+    visited = {(root_st.st_dev, root_st.st_ino)}
+
+    def unreadable(err: OSError) -> None:
+        where = Path(err.filename) if err.filename else root
+        try:
+            st = where.lstat()
+        except OSError:
+            return
+        why = err.strerror or type(err).__name__
+        entries.append(_entry(where, root, st, f"folder cannot be read ({why}); its files are "
+                                                "not looked at: fix its permissions"))  # fmt: skip
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        here = Path(dirpath)
+        keep = []
+        for dname in sorted(dirnames):
+            sub = here / dname
+            try:
+                st = sub.stat()
+            except OSError as exc:  # a link to a folder that is gone or loops
+                entries.append(_entry(sub, root, sub.lstat(), _link_reason(sub, exc)))
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                entries.append(_entry(sub, root, sub.lstat(), (
+                    "symbolic link to a folder already looked at on this walk (a loop or a "
+                    "second link to it); its files are counted once")))  # fmt: skip
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            keep.append(dname)
+        dirnames[:] = keep
         for fname in filenames:
-            path = Path(dirpath) / fname
+            path = here / fname
+            if path == root / MARKER_FILE:
+                continue
             try:
                 st = path.stat()
-            except OSError:
+            except OSError as exc:
+                try:
+                    entries.append(_entry(path, root, path.lstat(), _link_reason(path, exc)))
+                except OSError:
+                    pass  # removed while we looked: nothing to account for
                 continue
-            rel = path.relative_to(root).as_posix()
-            if rel == MARKER_FILE:
+            if not stat.S_ISREG(st.st_mode):
+                what = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+                entries.append(_entry(path, root, path.lstat(), f"{what}; not read"))
                 continue
-            entries.append((rel, path, st))
-    for rel, path, st in sorted(entries, key=lambda e: e[0]):
-        yield path, rel, st
+            entries.append(_entry(path, root, st))
+    entries.sort(key=lambda e: e.rel)
+    yield from entries
 
 
 def ingest_folder(
@@ -346,9 +462,10 @@ def ingest_folder(
 ) -> IngestSummary:
     """Record every file under ``root`` not yet recorded (or changed) for dataset ``name``.
 
-    Commits every few hundred files; files recorded before with the same size and mtime are
-    not read again, records of files that vanished are dropped. ``progress(done, total)``
-    is called as files are processed.
+    Commits every few hundred files or every second, whichever comes first, and what was
+    read when an error or an interrupt stops the ingest: a re-run loses nothing and does not
+    read again a file recorded with the same size and mtime. Records of files that vanished
+    are dropped. ``progress(done, total)`` is called as files are processed.
     """
     started = time.perf_counter()
     summary = IngestSummary(name=name)
@@ -356,42 +473,56 @@ def ingest_folder(
     sops = catalogue.ok_sops(name)
     files = list(_walk(root))
     summary.files = len(files)
-    present = {rel for _, rel, _ in files}
+    present = {e.rel for e in files}
     gone = [p for p in known if p not in present]
     if gone:
         catalogue.forget_files(name, gone)
         summary.removed = len(gone)
-        sops = {s: p for s, p in sops.items() if p not in set(gone)}
+        gone_set = set(gone)
+        sops = {s: p for s, p in sops.items() if p not in gone_set}
     batch: list[FileRecord] = []
-    for done, (path, rel, st) in enumerate(files, start=1):
-        if known.get(rel) == (st.st_size, st.st_mtime_ns):
-            summary.unchanged += 1
-        else:
-            record = inspect_file(path, rel, st.st_size, st.st_mtime_ns)
-            if record.status == "ok" and record.sop_uid:
-                first = sops.get(record.sop_uid)
-                if first is not None and first != rel:
-                    record = FileRecord(
-                        rel, st.st_size, st.st_mtime_ns, "skipped",
-                        f"duplicate of {first} (same SOPInstanceUID)",
-                    )  # fmt: skip
-                else:
-                    sops[record.sop_uid] = rel
-            if record.status == "ok":
-                summary.new_ok += 1
+    last_commit = time.monotonic()
+    try:
+        for done, entry in enumerate(files, start=1):
+            if known.get(entry.rel) == (entry.size, entry.mtime_ns):
+                summary.unchanged += 1
             else:
-                summary.new_skipped += 1
-                key = reason_category(record.reason or "")
-                summary.reasons[key] = summary.reasons.get(key, 0) + 1
-            batch.append(record)
-            if len(batch) >= _BATCH:
-                catalogue.record_files(name, batch)
-                batch = []
-        if progress is not None:
-            progress(done, len(files))
-    catalogue.record_files(name, batch)
+                record = _record(entry, sops)
+                if record.status == "ok":
+                    summary.new_ok += 1
+                else:
+                    summary.new_skipped += 1
+                    key = reason_category(record.reason or "")
+                    summary.reasons[key] = summary.reasons.get(key, 0) + 1
+                batch.append(record)
+                if len(batch) >= _BATCH or time.monotonic() - last_commit >= _COMMIT_S:
+                    catalogue.record_files(name, batch)
+                    batch, last_commit = [], time.monotonic()
+            if progress is not None:
+                progress(done, len(files))
+    finally:  # an error or Ctrl-C keeps what was already read
+        catalogue.record_files(name, batch)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _record(entry: WalkEntry, sops: dict[str, str]) -> FileRecord:
+    """The record of one walked entry (``sops``: SOPInstanceUID -> first path, updated)."""
+    rel, size, mtime = entry.rel, entry.size, entry.mtime_ns
+    if entry.reason is not None:
+        return FileRecord(rel, size, mtime, "skipped", entry.reason)
+    record = inspect_file(entry.path, rel, size, mtime)
+    if record.status == "ok" and stored_path(str(entry.path)) != str(entry.path):
+        return FileRecord(rel, size, mtime, "skipped", (
+            "file name is not valid UTF-8 (undecodable bytes shown as \\xNN); a DICOM image, "
+            "rename the file (or its folder) to UTF-8 to use it"))  # fmt: skip
+    if record.status == "ok" and record.sop_uid:
+        first = sops.get(record.sop_uid)
+        if first is not None and first != rel:
+            return FileRecord(rel, size, mtime, "skipped",
+                              f"duplicate of {first} (same SOPInstanceUID)")  # fmt: skip
+        sops[record.sop_uid] = rel
+    return record
 
 
 def _write_marker(folder: Path, catalogue: Catalogue, name: str) -> None:
@@ -414,13 +545,16 @@ def register_dataset(
     key_tag: str = "StudyInstanceUID",
     query: str = "",
     progress: Callable[[int, int], None] | None = None,
-    pull: Callable[[Catalogue], int] | None = None,
+    pull: Callable[[Catalogue], PullResult | int] | None = None,
 ) -> IngestSummary:
     """Register (or refresh) dataset ``name`` of silo home ``home`` and ingest what is new.
 
     Validates the labels file first (errors before any file is read), records the dataset,
     runs ``pull`` (a PACS retrieval into ``files_root``) if given, ingests the folder, and
-    maps ``name`` to its managed folder in ``silo.json``.
+    maps ``name`` to its managed folder in ``silo.json``. Instances the PACS listed but did
+    not deliver are recorded with the reason (``summary.undelivered``); what arrived is used.
+    A pull that fails (PACS gone, credentials refused) keeps the files it wrote and the
+    dataset (state ``ingesting``): run the same command again to resume, or remove it.
     """
     _check_name(name)
     if key_tag not in KEY_TAGS:
@@ -451,21 +585,60 @@ def register_dataset(
         )  # fmt: skip
         if labels is not None:
             catalogue.set_labels(name, labels)
-        try:
-            pulled = pull(catalogue) if pull is not None else 0
-        except DataError:
-            if old is None and not catalogue.known_files(name):
-                catalogue.remove(name)  # a first pull that fetched nothing registers nothing
-            raise
+        result = _run_pull(pull, catalogue, name, files_root, first=old is None)
         files_root.mkdir(parents=True, exist_ok=True)
         summary = ingest_folder(catalogue, name, files_root, progress)
-        summary.pulled = pulled
+        summary.pulled = result.written
+        summary.undelivered = result.undelivered
+        if pull is not None:
+            catalogue.record_undelivered(name, result.undelivered)
         catalogue.set_state(name, "complete")
         summary.catalogue = catalogue.summary(name)
         _write_marker(folder, catalogue, name)
     home.datasets[name] = str(folder)
     home.save()
     return summary
+
+
+def _files_in(folder: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def _run_pull(
+    pull: Callable[[Catalogue], PullResult | int] | None,
+    catalogue: Catalogue,
+    name: str,
+    files_root: Path,
+    first: bool,
+) -> PullResult:
+    """Run the pull step; a failure says what was kept and how to resume or remove."""
+    if pull is None:
+        return PullResult(0)
+    try:
+        outcome = pull(catalogue)
+    except DataError as exc:
+        kept = _files_in(files_root)
+        if first and not kept and not catalogue.known_files(name):
+            catalogue.remove(name)  # a first pull that fetched nothing registers nothing
+            raise
+        raise DataError(
+            f"{exc}; the dataset '{name}' keeps the {kept} file(s) retrieved so far (state "
+            f"'ingesting'): run the same 'silo data add' again to resume, or "
+            f"'silo data remove {name}'"
+        ) from None
+    result = outcome if isinstance(outcome, PullResult) else PullResult(int(outcome))
+    if result.undelivered and not result.written and not _files_in(files_root):
+        if first:
+            catalogue.remove(name)
+        sop, why = result.undelivered[0]
+        raise DataError(
+            f"the PACS listed {len(result.undelivered)} instance(s) for the query but delivered "
+            f"none (e.g. {sop}: {why}); check the PACS's log"
+        )
+    return result
 
 
 def _check_name(name: str) -> None:
@@ -481,16 +654,19 @@ def remove_dataset(home: Any, name: str) -> int:
     """Forget dataset ``name`` (catalogue rows, managed folder, silo.json entry).
 
     The hospital's own DICOM folder is never touched; files a PACS pull wrote into the
-    managed folder are deleted. Returns the number of catalogue file records dropped.
+    managed folder are deleted. Works on a half-registered dataset too (a pull that failed,
+    or an entry only in ``silo.json``). Returns the number of catalogue file records dropped.
     """
     import shutil
 
-    with Catalogue.of_home(home.root) as catalogue:
-        record = catalogue.require(name)
-        n = catalogue.remove(name)
     folder = managed_folder(home.root, name)
+    with Catalogue.of_home(home.root) as catalogue:
+        record = catalogue.dataset(name)
+        if record is None and not folder.is_dir() and name not in home.datasets:
+            catalogue.require(name)  # the one-line error naming the registered datasets
+        n = catalogue.remove(name)
     if folder.is_dir():
-        if record.source_kind == "dicom-dir":
+        if record is not None and record.source_kind == "dicom-dir":
             (folder / MARKER_FILE).unlink(missing_ok=True)
             try:
                 folder.rmdir()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -33,12 +34,14 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from pydicom.datadict import tag_for_keyword
 
 from silo_client.data.catalogue import Catalogue
+from silo_client.data.ingest import PullResult
 from silo_client.errors import DataError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "PacsAuth",
+    "PullResult",
     "dicomweb_puller",
     "dimse_puller",
     "instance_filename",
@@ -115,9 +118,33 @@ def _write_atomic(dest: Path, name: str, data: bytes) -> None:
         raise
 
 
-def _missing(dest: Path, catalogue: Catalogue, name: str, sops: Iterable[str]) -> list[str]:
-    have = set(catalogue.ok_sops(name))
-    return [s for s in sops if s not in have and not (dest / instance_filename(s)).exists()]
+def _missing(dest: Path, sops: Iterable[str]) -> list[str]:
+    """The SOPs of ``sops`` whose file is not in ``dest`` yet (a re-run fetches only those)."""
+    return [s for s in sops if not (dest / instance_filename(s)).exists()]
+
+
+def keep_only_selected(dest: Path, selected: Iterable[str]) -> int:
+    """Delete from ``dest`` every file the current query does not select, and stale
+    temporary files; returns how many files were deleted.
+
+    A pull's files belong to that pull's query only: what an earlier pull with another query
+    (or a failed one) left in the dataset's managed folder is never adopted by this one.
+    """
+    names = {instance_filename(s) for s in selected}
+    dropped = 0
+    if dest.is_dir():
+        for entry in os.scandir(dest):
+            if entry.name in names:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            dropped += 1
+    shutil.rmtree(dest.parent / ".partial", ignore_errors=True)  # a killed pull's temp files
+    if dropped:
+        log.info("%d file(s) in %s not selected by this query deleted", dropped, dest)
+    return dropped
 
 
 # ---------------------------------------------------------------------------------- DICOMweb
@@ -209,26 +236,28 @@ def _sop_of(part: bytes) -> str:
 
 def dicomweb_puller(
     url: str, auth: PacsAuth, query: str, dest: Path, workers: int = _WADO_WORKERS
-) -> Callable[[Catalogue], int]:
+) -> Callable[[Catalogue], PullResult]:
     """A pull step for :func:`~silo_client.data.ingest.register_dataset` over DICOMweb.
 
-    The returned callable lists matching instances (QIDO-RS, paged), retrieves the missing
-    ones (WADO-RS, original transfer syntax, ``workers`` requests at once: whole series, or
-    single instances where most of a series is already here) into ``dest`` as the bytes
-    arrive (no decode and re-encode) and returns how many it wrote. Every listed instance is
-    accounted for: what a first pass did not deliver is asked for once more, one by one, and
-    what is still missing is a DataError (the files written are kept; a re-run resumes).
+    The returned callable lists matching instances (QIDO-RS, paged), deletes from ``dest``
+    what the query does not select (an earlier pull's leftovers are never adopted), retrieves
+    the missing ones (WADO-RS, original transfer syntax, ``workers`` requests at once: whole
+    series, or single instances where most of a series is already here) into ``dest`` as the
+    bytes arrive (no decode and re-encode). Every listed instance is accounted for: what a
+    first pass did not deliver is asked for once more, one by one, and what is still missing
+    is returned as undelivered with the reason (the ingest records it; the rest is used).
+    An unreachable PACS or refused credentials are a DataError (the files written are kept:
+    a re-run resumes).
     """
     auth.check()
     filters = parse_query(query)
     where = public_url(url)
     base = url.rstrip("/")
 
-    def pull(catalogue: Catalogue) -> int:
+    def pull(catalogue: Catalogue) -> PullResult:
         from dicomweb_client import DICOMwebClient
 
         client = DICOMwebClient(url=url, session=_session(auth), timeout=_TIMEOUT_S)
-        dataset_name = _dataset_of(catalogue, dest)
         found: dict[str, tuple[str, str]] = {}
         try:
             for page in range(_MAX_PAGES):
@@ -251,9 +280,10 @@ def dicomweb_puller(
                     f"{where}; widen --query or check the PACS holds the studies"
                 )
             dest.mkdir(parents=True, exist_ok=True)
-            missing = set(_missing(dest, catalogue, dataset_name, found))
+            keep_only_selected(dest, found)
+            missing = set(_missing(dest, found))
             if not missing:
-                return 0
+                return PullResult(0, [], len(found))
             in_series: dict[tuple[str, str], list[str]] = {}
             for sop, key in found.items():
                 in_series.setdefault(key, []).append(sop)
@@ -265,19 +295,18 @@ def dicomweb_puller(
                     jobs.append((f"{base}/studies/{study}/series/{series}", todo))
                 else:
                     jobs.extend((_instance_url(base, study, series, s), {s}) for s in sorted(todo))
-            written = _wado_fetch(jobs, auth, dest, workers)
+            written, why = _wado_fetch(jobs, auth, dest, workers)
             left = sorted(missing - written)
             if left:  # once more, one instance per request
                 retry = [(_instance_url(base, *found[s], s), {s}) for s in left]
-                written |= _wado_fetch(retry, auth, dest, workers)
-            short = len(missing - written)
-            if short:
-                raise DataError(
-                    f"the PACS at {where} listed {len(missing)} new instance(s) but delivered "
-                    f"only {len(missing) - short} (asked twice); the files retrieved are kept: "
-                    "run 'silo data add' again to fetch the rest, or check the PACS's log"
-                )
-            return len(written)
+                again, why_again = _wado_fetch(retry, auth, dest, workers)
+                written |= again
+                why.update(why_again)
+            undelivered = [
+                (s, why.get(s, "not in the PACS's WADO-RS answers (asked twice)"))
+                for s in sorted(missing - written)
+            ]
+            return PullResult(len(written), undelivered, len(found))
         except DataError:
             raise
         except Exception as exc:
@@ -292,24 +321,31 @@ def _instance_url(base: str, study: str, series: str, sop: str) -> str:
 
 def _wado_fetch(
     jobs: list[tuple[str, set[str]]], auth: PacsAuth, dest: Path, workers: int
-) -> set[str]:
-    """Run WADO-RS retrieves (url, SOPs wanted from it) on a few threads; SOPs written.
+) -> tuple[set[str], dict[str, str]]:
+    """Run WADO-RS retrieves (url, SOPs wanted from it) on a few threads: (SOPs written,
+    {SOP: why it was not} for answers that refused an instance or a series).
 
     A few requests at once hide the PACS's per-request latency; each thread has its own
-    HTTP session (requests' sessions are not thread-safe). The first error stops the rest.
+    HTTP session (requests' sessions are not thread-safe). A refused request (an HTTP error
+    other than refused credentials) is recorded for its instances and the others go on; a
+    connection error or refused credentials stop the pull.
     """
     local = threading.local()
     accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
-    def fetch(url: str, wanted: set[str]) -> set[str]:
+    def fetch(url: str, wanted: set[str]) -> tuple[set[str], dict[str, str]]:
         session = getattr(local, "session", None)
         if session is None:
             session = local.session = _session(auth)
         got: set[str] = set()
         with session.get(url, headers={"Accept": accept}, stream=True,
                          timeout=_TIMEOUT_S) as response:  # fmt: skip
-            if response.status_code == 404:  # the QIDO-RS on this root answered: not a bad URL
-                return got  # gone from the PACS since it was listed: counted as not delivered
+            code = response.status_code
+            if code >= 400 and code not in (401, 403):
+                # the QIDO-RS on this root answered: not a bad URL but this resource
+                gone = " (deleted on the PACS since it was listed?)" if code == 404 else ""
+                why = f"the PACS answered HTTP {code} {response.reason} to its WADO-RS{gone}"
+                return got, dict.fromkeys(wanted, why)
             response.raise_for_status()
             for part in _multipart_parts(response):
                 # an instance URL answers that one instance; a series answer is read for its UIDs
@@ -317,29 +353,30 @@ def _wado_fetch(
                 if sop in wanted and sop not in got:
                     _write_atomic(dest, instance_filename(sop), part)
                     got.add(sop)
-        return got
+        return got, {}
 
     written: set[str] = set()
+    why: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(fetch, url, wanted) for url, wanted in jobs]
         try:
             for future in as_completed(futures):
-                written |= future.result()
+                got, refused = future.result()
+                written |= got
+                why.update(refused)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-    return written
-
-
-def _dataset_of(catalogue: Catalogue, dest: Path) -> str:
-    """The dataset whose managed folder ``dest`` belongs to (``.../datasets/<name>/dicom``)."""
-    return dest.parent.name
+    return written, why
 
 
 # ---------------------------------------------------------------------------------- DIMSE
 
-_STORAGE_CLASSES = (
+# Classes proposed when the PACS's C-FIND does not say which SOP classes the instances have:
+# images, and the objects a hospital's PACS holds beside them (RT, ECG, SR, ...), which then
+# arrive and are recorded with their reason instead of never arriving at all.
+_DEFAULT_CLASSES = (
     "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
     "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
     "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
@@ -349,8 +386,36 @@ _STORAGE_CLASSES = (
     "PositronEmissionTomographyImageStorage", "NuclearMedicineImageStorage",
     "BasicTextSRStorage", "EnhancedSRStorage", "ComprehensiveSRStorage",
     "GrayscaleSoftcopyPresentationStateStorage", "KeyObjectSelectionDocumentStorage",
-    "RTPlanStorage", "SegmentationStorage",
+    "RTPlanStorage", "RTIonPlanStorage", "RTDoseStorage", "RTStructureSetStorage",
+    "RTImageStorage", "TwelveLeadECGWaveformStorage", "GeneralECGWaveformStorage",
+    "SegmentationStorage", "VLPhotographicImageStorage", "EncapsulatedPDFStorage",
 )  # fmt: skip
+
+# Offered for every SOP class the query lists, one presentation context per syntax: with one
+# context holding them all, the PACS accepts a single syntax per class (Orthanc: Explicit VR
+# Little Endian) and then cannot send a JPEG 2000 (or JPEG-LS, ...) instance as it is stored.
+_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+# An association holds at most 128 presentation contexts (PS3.8 9.3.2.2: odd IDs 1-255); one
+# is the C-GET model's. More classes than fit are fetched over more associations.
+_MAX_CONTEXTS = 128
+_CLASSES_PER_ASSOCIATION = (_MAX_CONTEXTS - 1) // len(_TRANSFER_SYNTAXES)
+# SOPInstanceUIDs per C-GET (a list of UIDs at IMAGE level, PS3.4 C.4.3.1.3.1): one request
+# instead of one per series; 200 UIDs of 64 characters stay well inside a UI element.
+_GET_BATCH = 200
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -383,6 +448,23 @@ class _ParkedReactor(threading.Event):
         """Let the reactor run again (so its thread ends with the association)."""
         super().set()
 
+    def watch(self, assoc: Any) -> None:
+        """Stand in for the reactor's abort handling while it is parked: when the PACS goes
+        away (connection closed, A-ABORT), wake the request waiting for its answer at once
+        (its status is then None: a one-line error), not after the DIMSE timeout."""
+
+        def run() -> None:
+            while not self.wait(0.1):
+                try:
+                    gone = assoc.acse.is_aborted() or not assoc.dul.is_alive()
+                except Exception:  # pynetdicom changed shape: the DIMSE timeout still applies
+                    return
+                if gone:
+                    assoc.dimse.msg_queue.put((None, None))
+                    return
+
+        threading.Thread(target=run, name="fedsilo-assoc-watch", daemon=True).start()
+
 
 def _park_reactor(assoc: Any) -> _ParkedReactor | None:
     """Park ``assoc``'s reactor before any request is sent; None if pynetdicom changed shape."""
@@ -396,7 +478,12 @@ def _park_reactor(assoc: Any) -> _ParkedReactor | None:
     deadline = time.monotonic() + 5.0
     while not assoc._is_paused and time.monotonic() < deadline:
         time.sleep(0.0005)
+    parked.watch(assoc)
     return parked
+
+
+class _GetRefused(DataError):
+    """The PACS answered a C-GET with a refusal status (not: stopped answering)."""
 
 
 @dataclass
@@ -411,33 +498,36 @@ class _GetOutcome:
     failed_uids: list[str]
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """Where a listed instance lives and what it is (SOP class '' when the PACS did not say)."""
+
+    study: str
+    series: str
+    sop_class: str
+
+
 def dimse_puller(
     address: str, aet: str, called_aet: str, query: str, dest: Path
-) -> Callable[[Catalogue], int]:
-    """A pull step over DIMSE: C-FIND (study root, series then image level) and C-GET.
+) -> Callable[[Catalogue], PullResult]:
+    """A pull step over DIMSE: C-FIND (study root) and C-GET.
 
-    Every instance is accounted for: the image-level C-FIND of a series is repeated when it
-    lists fewer instances than the series-level answer's NumberOfSeriesRelatedInstances,
-    each C-GET's final counts (completed, failed, warning) are compared with the C-STOREs
-    that arrived, failed sub-operations are asked for once more one by one, and an instance
-    still missing is a DataError (the files written are kept; a re-run resumes).
+    Lists the query's instances with their SOP classes (one IMAGE-level C-FIND, checked per
+    series against the SERIES-level NumberOfSeriesRelatedInstances; a series listed short is
+    listed again on its own), deletes from ``dest`` what the query does not select, then
+    fetches the missing instances with C-GETs of up to :data:`_GET_BATCH` SOPInstanceUIDs
+    each, on associations that propose every listed SOP class with one presentation context
+    per transfer syntax (at most 128 contexts an association; more classes, more
+    associations). What a C-GET did not deliver is asked for once more, one by one; what
+    still fails is returned as undelivered with the reason, and the rest is used.
 
-    Nagle's algorithm is turned off on the association socket (TCP_NODELAY): with it on, the
+    Nagle's algorithm is turned off on the association sockets (TCP_NODELAY): with it on, the
     small PDUs of each C-GET sub-operation wait for delayed ACKs and transfers crawl.
     """
     host, port = _split_address(address)
     filters = parse_query(query)
 
-    def pull(catalogue: Catalogue) -> int:
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
-        from pynetdicom import sop_class as sc
-        from pynetdicom.sop_class import (
-            StudyRootQueryRetrieveInformationModelFind as Find,
-        )
-        from pynetdicom.sop_class import (
-            StudyRootQueryRetrieveInformationModelGet as Get,
-        )
-
+    def pull(catalogue: Catalogue) -> PullResult:
         try:
             with socket.create_connection((host, port), timeout=5.0):
                 pass
@@ -446,115 +536,214 @@ def dimse_puller(
                 f"cannot reach the PACS at {host}:{port} ({exc.strerror or exc}); check --dimse "
                 "and that the PACS accepts DICOM connections from this machine"
             ) from None
-        dataset_name = _dataset_of(catalogue, dest)
+        listing, short = _list_instances(host, port, aet, called_aet, filters, query)
         dest.mkdir(parents=True, exist_ok=True)
-        catalogued = set(catalogue.ok_sops(dataset_name))
-        ae = AE(ae_title=aet)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT_S
-        ae.add_requested_context(Find)
-        ae.add_requested_context(Get)
-        roles = []
-        for name in _STORAGE_CLASSES:
-            uid = getattr(sc, name)
-            ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES[:])
-            roles.append(build_role(uid, scp_role=True))
-        received: set[str] = set()
-        stores = [0]  # C-STORE sub-operations answered during the current C-GET
-
-        def have(sop: str) -> bool:
-            return sop in received or sop in catalogued or (dest / instance_filename(sop)).exists()
-
-        def on_store(event: Any) -> int:
-            # Everything a C-GET of a matching series sends is wanted; what is already here
-            # is acknowledged and not written again.
-            stores[0] += 1
-            sop = str(event.request.AffectedSOPInstanceUID)
-            if not have(sop):
-                _write_atomic(dest, instance_filename(sop), event.encoded_dataset())
-                received.add(sop)
-            return 0x0000
-
-        def get(level: str, keys: dict[str, str]) -> _GetOutcome:
-            stores[0] = 0
-            outcome = _get(assoc, Get, level, keys)
-            outcome.arrived = stores[0]
-            if outcome.completed + outcome.warning > outcome.arrived:
-                raise DataError(
-                    f"the PACS at {host}:{port} reports {outcome.completed + outcome.warning} "
-                    f"C-GET sub-operation(s) done at {level} level but {outcome.arrived} "
-                    "instance(s) arrived; run 'silo data add' again, or check the PACS's log"
-                )
-            return outcome
-
-        assoc = ae.associate(
-            host, port, ae_title=called_aet, ext_neg=roles,
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        )  # fmt: skip
-        if not assoc.is_established:
-            raise DataError(
-                f"the PACS at {host}:{port} refused the DICOM association (calling AE {aet!r}, "
-                f"called AE {called_aet!r}); register our AE title on the PACS or fix --aet/"
-                "--called-aet"
-            )
-        parked = _park_reactor(assoc)
-        expected: dict[str, tuple[str, str]] = {}
-        try:
-            sock = assoc.dul.socket.socket if assoc.dul.socket else None
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keys = ["StudyInstanceUID", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances"]
-            series = _find(assoc, Find, "SERIES", filters, keys)
-            if not series:
-                raise DataError(
-                    f"the query {query or '(none)'!r} matched no series on the PACS at "
-                    f"{host}:{port}; widen --query or check the PACS holds the studies"
-                )
-            for item in series:
-                study, ser = item["StudyInstanceUID"], item["SeriesInstanceUID"]
-                uids = {"StudyInstanceUID": study, "SeriesInstanceUID": ser}
-                count = _int_or_none(item.get("NumberOfSeriesRelatedInstances"))
-                sops: set[str] = set()
-                for _ in range(2):  # a listing shorter than the series' count is asked again
-                    images = _find(assoc, Find, "IMAGE", uids, ["SOPInstanceUID"])
-                    sops |= {i["SOPInstanceUID"] for i in images if i.get("SOPInstanceUID")}
-                    if count is None or len(sops) >= count:
-                        break
-                expected.update(dict.fromkeys(sops, (study, ser)))
-                missing = [s for s in sorted(sops) if not have(s)]
-                # no count from the PACS: a series always holds an instance, so none listed
-                # means the listing lost it
-                listed_all = len(sops) >= count if count is not None else bool(sops)
-                if not missing and listed_all:
-                    continue
-                if len(missing) == len(sops) or not listed_all:
-                    outcome = get("SERIES", uids)
-                    expected.update(dict.fromkeys(outcome.failed_uids, (study, ser)))
-                else:
-                    for sop in missing:
-                        get("IMAGE", {**uids, "SOPInstanceUID": sop})
-            # Failed sub-operations (and anything listed that did not arrive) are asked for
-            # once more, one by one; what still fails is a loud error, never a short dataset.
-            for sop in sorted(s for s in expected if not have(s)):
-                study, ser = expected[sop]
-                get("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": ser,
-                              "SOPInstanceUID": sop})  # fmt: skip
-            left = [s for s in expected if not have(s)]
-            if left:
-                raise DataError(
-                    f"the PACS at {host}:{port} did not deliver {len(left)} of the "
-                    f"{len(expected)} instance(s) it listed (C-GET sub-operations failed, "
-                    "asked twice); the files retrieved are kept: run 'silo data add' again to "
-                    "fetch the rest, or check the PACS's log"
-                )
-        finally:
-            try:
-                assoc.release()
-            finally:
-                if parked is not None:
-                    parked.free()
-        return len(received)
+        keep_only_selected(dest, listing)
+        missing = _missing(dest, sorted(listing))
+        if not missing and not short:
+            return PullResult(0, [], len(listing))
+        classes = sorted({listing[s].sop_class for s in missing} | {c for _, c in short})
+        known = [c for c in classes if c]
+        groups = [known[i : i + _CLASSES_PER_ASSOCIATION]
+                  for i in range(0, len(known), _CLASSES_PER_ASSOCIATION)]  # fmt: skip
+        written: set[str] = set()
+        why: dict[str, str] = {}
+        plans: list[tuple[list[str], bool]] = [(g, False) for g in groups]
+        if "" in classes:  # the PACS did not say: propose the usual classes, all syntaxes each
+            plans.append((list(_DEFAULT_CLASSES), True))
+        for group, by_name in plans:
+            wanted = [s for s in missing if listing[s].sop_class in (group if not by_name else
+                                                                     ("",))]  # fmt: skip
+            series = [key for key, c in short if c in group or (by_name and not c)]
+            if wanted or series:
+                _retrieve(host, port, aet, called_aet, group, by_name, wanted, series, listing,
+                          dest, written, why)  # fmt: skip
+        names = {s: listing[s].sop_class for s in missing}
+        undelivered = [(s, why.get(s) or _not_sent(names[s])) for s in missing if s not in written]
+        return PullResult(len(written), undelivered, len(listing) + len(written - listing.keys()))
 
     return pull
+
+
+def _not_sent(sop_class: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(sop_class).name if sop_class else "unknown SOP class"
+    return (f"the PACS listed it but did not send it over C-GET ({name}), asked twice; "
+            "check the PACS's log")  # fmt: skip
+
+
+def _associate(
+    host: str,
+    port: int,
+    aet: str,
+    called_aet: str,
+    contexts: list[tuple[str, list[str]]],
+    roles: list[Any],
+    handlers: list[Any],
+) -> tuple[Any, _ParkedReactor | None]:
+    """An established association (reactor parked, TCP_NODELAY) or a one-line DataError."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT_S
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    assoc = ae.associate(host, port, ae_title=called_aet, ext_neg=roles or None,
+                         evt_handlers=handlers or None)  # fmt: skip
+    if not assoc.is_established:
+        raise DataError(
+            f"the PACS at {host}:{port} refused the DICOM association (calling AE {aet!r}, "
+            f"called AE {called_aet!r}); register our AE title on the PACS or fix --aet/"
+            "--called-aet"
+        )
+    parked = _park_reactor(assoc)
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc, parked
+
+
+def _release(assoc: Any, parked: _ParkedReactor | None) -> None:
+    try:
+        assoc.release()
+    finally:
+        if parked is not None:
+            parked.free()
+
+
+def _list_instances(
+    host: str, port: int, aet: str, called_aet: str, filters: dict[str, str], query: str
+) -> tuple[dict[str, _Listed], list[tuple[tuple[str, str], str]]]:
+    """The query's instances {SOPInstanceUID: _Listed}, and the series still listed short of
+    their NumberOfSeriesRelatedInstances after asking twice ((study, series), a SOP class)."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
+
+    assoc, parked = _associate(host, port, aet, called_aet, [(Find, list(_TRANSFER_SYNTAXES[:2]))],
+                               [], [])  # fmt: skip
+    try:
+        keys = ["StudyInstanceUID", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances"]
+        series = _find(assoc, Find, "SERIES", filters, keys)
+        if not series:
+            raise DataError(
+                f"the query {query or '(none)'!r} matched no series on the PACS at "
+                f"{host}:{port}; widen --query or check the PACS holds the studies"
+            )
+        image_keys = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+        try:  # one listing of every instance (a PACS that insists on a hierarchical query
+            # refuses it; then each series is listed on its own below)
+            flat = _find(assoc, Find, "IMAGE", filters, image_keys)
+        except DataError:
+            flat = []
+        listing: dict[str, _Listed] = {}
+        per_series: dict[tuple[str, str], set[str]] = {}
+        for item in flat:
+            if item["SOPInstanceUID"] and item["SeriesInstanceUID"]:
+                key = (item["StudyInstanceUID"], item["SeriesInstanceUID"])
+                listing[item["SOPInstanceUID"]] = _Listed(*key, item["SOPClassUID"])
+                per_series.setdefault(key, set()).add(item["SOPInstanceUID"])
+        short: list[tuple[tuple[str, str], str]] = []
+        for item in series:
+            key = (item["StudyInstanceUID"], item["SeriesInstanceUID"])
+            count = _int_or_none(item.get("NumberOfSeriesRelatedInstances"))
+            have = per_series.get(key, set())
+            for _ in range(2):  # a listing shorter than the series' count is asked again
+                # no count from the PACS: a series always holds an instance
+                if (len(have) >= count) if count is not None else bool(have):
+                    break
+                uids = {"StudyInstanceUID": key[0], "SeriesInstanceUID": key[1]}
+                for i in _find(assoc, Find, "IMAGE", uids, ["SOPInstanceUID", "SOPClassUID"]):
+                    if i["SOPInstanceUID"]:
+                        listing[i["SOPInstanceUID"]] = _Listed(*key, i["SOPClassUID"])
+                        have.add(i["SOPInstanceUID"])
+            if not ((len(have) >= count) if count is not None else bool(have)):
+                classes = {listing[s].sop_class for s in have} or {""}
+                short.append((key, sorted(classes)[0]))
+        return listing, short
+    finally:
+        _release(assoc, parked)
+
+
+def _retrieve(
+    host: str,
+    port: int,
+    aet: str,
+    called_aet: str,
+    classes: list[str],
+    by_name: bool,
+    wanted: list[str],
+    short_series: list[tuple[str, str]],
+    listing: dict[str, _Listed],
+    dest: Path,
+    written: set[str],
+    why: dict[str, str],
+) -> None:
+    """C-GET ``wanted`` (and, whole, the series listed short) over one association proposing
+    ``classes`` (UIDs, or pynetdicom names when ``by_name``); fills ``written`` and ``why``."""
+    from pynetdicom import build_role, evt
+    from pynetdicom import sop_class as sc
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
+
+    uids = [str(getattr(sc, c)) for c in classes] if by_name else classes
+    contexts: list[tuple[str, list[str]]] = [(Get, [_TRANSFER_SYNTAXES[0], _TRANSFER_SYNTAXES[1]])]
+    for uid in uids:
+        if by_name:  # classes the PACS did not name: one context each, every syntax in it
+            contexts.append((uid, list(_TRANSFER_SYNTAXES)))
+        else:
+            contexts.extend((uid, [ts]) for ts in _TRANSFER_SYNTAXES)
+    contexts = contexts[:_MAX_CONTEXTS]
+    log.info("C-GET association: %d SOP class(es), %d presentation contexts, %d instance(s)",
+             len(uids), len(contexts), len(wanted))  # fmt: skip
+    roles = [build_role(uid, scp_role=True) for uid in uids]
+    selected = set(wanted)
+    whole = [False]  # during a SERIES-level C-GET every instance sent is of that series
+
+    def on_store(event: Any) -> int:
+        sop = str(event.request.AffectedSOPInstanceUID)
+        if sop in selected or whole[0]:
+            name = instance_filename(sop)
+            if not (dest / name).exists():
+                _write_atomic(dest, name, event.encoded_dataset())
+            written.add(sop)
+        return 0x0000  # acknowledged; what was not asked for is not written
+
+    assoc, parked = _associate(host, port, aet, called_aet, contexts, roles,
+                               [(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    try:
+        for i in range(0, len(wanted), _GET_BATCH):
+            batch = wanted[i : i + _GET_BATCH]
+            try:
+                _get(assoc, Get, "IMAGE", {"SOPInstanceUID": batch if len(batch) > 1 else batch[0]})
+            except _GetRefused:  # a PACS that takes one UID per C-GET: the retry below does
+                log.info("C-GET of %d UIDs refused; asking one by one", len(batch))
+        for study, series in short_series:
+            whole[0] = True
+            try:
+                _get(assoc, Get, "SERIES", {"StudyInstanceUID": study, "SeriesInstanceUID": series})
+            finally:
+                whole[0] = False
+        for sop in wanted:  # once more, one by one: the reason of what still fails is kept
+            if sop in written:
+                continue
+            where = listing[sop]
+            keys = {"StudyInstanceUID": where.study, "SeriesInstanceUID": where.series,
+                    "SOPInstanceUID": sop}  # fmt: skip
+            try:
+                outcome = _get(assoc, Get, "IMAGE", keys)
+            except _GetRefused as exc:
+                why[sop] = str(exc)
+                continue
+            if sop not in written and outcome.failed:
+                from pydicom.uid import UID
+
+                name = UID(where.sop_class).name if where.sop_class else "unknown SOP class"
+                why[sop] = (
+                    f"the PACS could not send it (C-GET sub-operation failed, status "
+                    f"0x{outcome.status:04X}, {name}: e.g. no presentation context of ours "
+                    "fits how it is stored); check the PACS's log"
+                )
+    finally:
+        _release(assoc, parked)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -564,7 +753,7 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _identifier(level: str, keys: dict[str, str], wanted: list[str]) -> Any:
+def _identifier(level: str, keys: dict[str, str | list[str]], wanted: list[str]) -> Any:
     from pydicom.dataset import Dataset
 
     ds = Dataset()
@@ -577,7 +766,7 @@ def _identifier(level: str, keys: dict[str, str], wanted: list[str]) -> Any:
 
 
 def _find(
-    assoc: Any, model: Any, level: str, keys: dict[str, str], wanted: list[str]
+    assoc: Any, model: Any, level: str, keys: dict[str, str | list[str]], wanted: list[str]
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for status, ident in assoc.send_c_find(_identifier(level, keys, wanted), model):
@@ -594,7 +783,7 @@ def _find(
     return out
 
 
-def _get(assoc: Any, model: Any, level: str, keys: dict[str, str]) -> _GetOutcome:
+def _get(assoc: Any, model: Any, level: str, keys: dict[str, str | list[str]]) -> _GetOutcome:
     final: Any = None
     failed_uids: list[str] = []
     for status, ident in assoc.send_c_get(_identifier(level, keys, []), model):
@@ -611,7 +800,7 @@ def _get(assoc: Any, model: Any, level: str, keys: dict[str, str]) -> _GetOutcom
         # kept and the missing instances retried. Anything else refuses the C-GET itself.
         failed = _int_or_none(status.get("NumberOfFailedSuboperations")) or 0
         if code not in (0x0000, 0xB000, 0xA702) and not (failed and code >= 0xA000):
-            raise DataError(
+            raise _GetRefused(
                 f"the PACS refused the C-GET at {level} level (status 0x{code:04X}); check that "
                 "it allows C-GET for our AE title"
             )

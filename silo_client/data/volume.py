@@ -335,7 +335,13 @@ def build_volume(
         str(ds.get("SOPInstanceUID", f"slice {i}")) for i, ds in enumerate(datasets)
     ]  # fmt: skip
     for ds, src in zip(datasets, names, strict=True):
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        try:  # pydicom converts the IS value when it is first read: that can raise too
+            raw_frames = ds.get("NumberOfFrames", 1)
+            frames = int(str(raw_frames).strip() or 1) if raw_frames is not None else 1
+        except (TypeError, ValueError, OverflowError):
+            raise VolumeError(
+                f"{src}: malformed NumberOfFrames (not a whole number); fix the export"
+            ) from None
         if frames > 1:
             raise VolumeError(
                 f"{src}: multi-frame image ({frames} frames); volumes are built from "

@@ -125,9 +125,10 @@ def test_interrupted_ingest_resumes(
         )  # fmt: skip
     with Catalogue.of_home(home.root) as cat:
         assert cat.require("d").state == "ingesting"
-        assert len(cat.known_files("d")) == 4  # one committed batch
+        # one committed batch, and the two read before the interrupt: nothing read is lost
+        assert len(cat.known_files("d")) == 6
     out = _silo(home, "add", "d", "--dicom-dir", str(hospital))
-    assert out["unchanged"] == 4 and out["new_ok"] == 8
+    assert out["unchanged"] == 6 and out["new_ok"] == 6
     assert out["catalogue"]["state"] == "complete" and out["catalogue"]["ok"] == 12
 
 
@@ -228,3 +229,20 @@ def test_bad_labels_file_and_unknown_dataset(
     assert "line 1: missing column(s) label" in err and "--label-column" in err
     err = _cli_error(capsys, monkeypatch, "data", "show", "nope", "--home", str(home.root))
     assert "no dataset named 'nope'" in err and "silo data add nope" in err
+
+
+def test_catalogue_from_before_undelivered_instances_opens(
+    home: SiloHome, hospital: Path
+) -> None:
+    """A catalogue written before the table of undelivered PACS instances existed: opening it
+    adds the table, and what it held is kept."""
+    import sqlite3
+
+    _silo(home, "add", "d", "--dicom-dir", str(hospital))
+    db = sqlite3.connect(home.root / "catalogue.sqlite")
+    db.execute("DROP TABLE undelivered")  # as an older release left it
+    db.commit()
+    db.close()
+    shown = _silo(home, "show", "d")
+    assert shown["ok"] == 12 and shown["undelivered"] == 0
+    assert shown["undelivered_instances"] == []

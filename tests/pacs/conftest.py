@@ -52,6 +52,7 @@ class Orthanc:
     http_port: int
     dicom_port: int
     folder: Path
+    pid: int = 0
 
     @property
     def url(self) -> str:
@@ -87,14 +88,17 @@ def _binary() -> str | None:
 
 
 @contextlib.contextmanager
-def running_orthanc(folder: Path) -> Iterator[Orthanc]:
-    """Start Orthanc as a plain process on 127.0.0.1 with a generated config; stop it by PID."""
+def running_orthanc(folder: Path, ports: tuple[int, int] | None = None) -> Iterator[Orthanc]:
+    """Start Orthanc as a plain process on 127.0.0.1 with a generated config; stop it by PID.
+
+    ``ports`` (HTTP, DICOM) restart a stopped one where it was, with the same storage."""
     import requests
 
     binary, plugin = _binary(), _plugin()
     if binary is None or plugin is None:
         raise RuntimeError("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
-    pacs = Orthanc(free_port(), free_port(), folder)
+    http_port, dicom_port = ports or (free_port(), free_port())
+    pacs = Orthanc(http_port, dicom_port, folder)
     config = {
         "Name": "fedsilo-test-pacs",
         "StorageDirectory": str(folder / "storage"),
@@ -118,8 +122,9 @@ def running_orthanc(folder: Path) -> Iterator[Orthanc]:
     cfg = folder / "orthanc.json"
     cfg.write_text(json.dumps(config, indent=2))
     env = {**os.environ, "TCP_NODELAY": "1"}
-    log = (folder / "orthanc.log").open("wb")
+    log = (folder / "orthanc.log").open("ab")
     proc = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    pacs.pid = proc.pid
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -138,7 +143,8 @@ def running_orthanc(folder: Path) -> Iterator[Orthanc]:
             time.sleep(0.1)
         yield pacs
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:  # a test may have stopped it already
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
