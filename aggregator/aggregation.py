@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from secure_agg.flower import send_and_receive
 from training_plan import wire
 
 log = logging.getLogger("fedsilo.aggregator")
@@ -31,6 +32,8 @@ class StepReport:
     refused: dict[int, str] = field(default_factory=dict)
     bytes_received: int = 0
     notes: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each message exchange a multi-stage step ran (secure: one per stage)."""
 
 
 class AggregationStep(Protocol):
@@ -94,7 +97,7 @@ class PlainAggregation:
         global_arrays = dict(
             zip(global_record.keys(), global_record.to_numpy_ndarrays(), strict=True)
         )
-        replies = split_replies(grid.send_and_receive(messages, timeout=self.timeout), report)
+        replies = split_replies(send_and_receive(grid, messages, timeout=self.timeout), report)
         rebuilt = []
         for reply in replies:
             update = reply.content[wire.ARRAYS]
@@ -117,7 +120,7 @@ class PlainAggregation:
         """Send the evaluate messages and relay the replies."""
         if not messages:
             return []
-        return split_replies(grid.send_and_receive(messages, timeout=self.timeout), report)
+        return split_replies(send_and_receive(grid, messages, timeout=self.timeout), report)
 
 
 def mean_reply(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,17 +14,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fedsilo_base.atomic_files import PRIVATE, atomic_path
 
 
 def save_model(
@@ -35,7 +24,8 @@ def save_model(
     from safetensors.numpy import save_file
 
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with atomic_path(path, mode=PRIVATE) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_model(path: Path) -> dict[str, np.ndarray]:

@@ -21,7 +21,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from aggregator.consortium import ConsortiumError, ConsortiumHome, now_iso, write_atomic
+from aggregator.consortium_home import ConsortiumError, ConsortiumHome, now_iso
+from aggregator.join_bundle import write_all_bundles
 from aggregator.pki import (
     certificate_fingerprint,
     create_ca,
@@ -29,6 +30,7 @@ from aggregator.pki import (
     load_certificate,
     superlink_hosts,
 )
+from fedsilo_base.atomic_files import PUBLIC, write_atomic
 
 STAGES = ("begun", "switched")
 NEXT_STEP = {
@@ -62,7 +64,7 @@ def _refuse(home: ConsortiumHome, wanted: str | None, command: str) -> dict | No
 
 
 def _save(home: ConsortiumHome, record: dict) -> None:
-    write_atomic(home.rotation_path, (json.dumps(record, indent=2) + "\n").encode())
+    write_atomic(home.rotation_path, (json.dumps(record, indent=2) + "\n").encode(), mode=PUBLIC)
 
 
 def begin(home: ConsortiumHome, days: int = 3650) -> RotationStep:
@@ -85,7 +87,7 @@ def begin(home: ConsortiumHome, days: int = 3650) -> RotationStep:
             "new_ca_fingerprint": certificate_fingerprint(load_certificate(home.next_ca_cert)),
         },
     )
-    bundles = home.write_all_bundles()
+    bundles = write_all_bundles(home)
     return RotationStep(
         "begun",
         len(bundles),
@@ -104,7 +106,7 @@ def switch(home: ConsortiumHome, days: int = 397) -> RotationStep:
     )
     rotation.update(stage="switched", switched=now_iso())
     _save(home, rotation)
-    bundles = home.write_all_bundles()
+    bundles = write_all_bundles(home)
     return RotationStep(
         "switched",
         len(bundles),
@@ -131,7 +133,7 @@ def finish(home: ConsortiumHome) -> RotationStep:
         os.replace(home.next_ca_key, home.ca_key)
     home.rotation_path.unlink()
     home.next_ca_dir.rmdir()
-    bundles = home.write_all_bundles()
+    bundles = write_all_bundles(home)
     return RotationStep(
         "finished",
         len(bundles),

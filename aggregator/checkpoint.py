@@ -23,8 +23,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from aggregator.artifacts import _atomic
 from aggregator.errors import AggregatorError
+from fedsilo_base.atomic_files import PRIVATE, write_atomic
 
 CHECKPOINT = "checkpoint.pkl"
 CHECKPOINT_INFO = "checkpoint.json"
@@ -121,16 +121,15 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
     """Write the checkpoint atomically (a crash leaves the previous one whole)."""
     run_dir = Path(run_dir)
     payload = pickle.dumps(asdict(checkpoint), protocol=pickle.HIGHEST_PROTOCOL)
-    _atomic(run_dir / CHECKPOINT, lambda tmp: Path(tmp).write_bytes(payload))
+    write_atomic(run_dir / CHECKPOINT, payload, mode=PRIVATE)
     info = {
         "round": checkpoint.round,
         "run_id": checkpoint.run_id,
         "plan_hash": checkpoint.plan_hash,
         "format": checkpoint.format,
     }
-    _atomic(
-        run_dir / CHECKPOINT_INFO,
-        lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8"),
+    write_atomic(
+        run_dir / CHECKPOINT_INFO, (json.dumps(info, indent=2) + "\n").encode(), mode=PRIVATE
     )
 
 

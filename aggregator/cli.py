@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -12,15 +11,9 @@ from rich.table import Table
 
 from aggregator.artifacts import read_events
 from aggregator.errors import AggregatorError
-from training_plan.errors import PlanError
+from fedsilo_base.cli_runner import new_cli, run_cli
 
-app = typer.Typer(
-    name="aggregator",
-    help="Consortium side of fedsilo: runs, models, reports.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = new_cli("aggregator", "Consortium side of fedsilo: runs, models, reports.")
 console = Console(soft_wrap=True)
 
 from aggregator.cli_consortium import register as _register_consortium  # noqa: E402
@@ -73,20 +66,4 @@ def show_run(
 
 def main() -> None:
     """Console entry point of `aggregator`."""
-    debug = "--debug" in sys.argv
-    if debug:
-        sys.argv.remove("--debug")
-    try:
-        app(standalone_mode=False)
-    except (AggregatorError, PlanError) as exc:
-        if debug:
-            raise
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise
+    run_cli(app)

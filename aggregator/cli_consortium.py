@@ -1,7 +1,7 @@
 """Consortium commands of `aggregator`: init, enroll, members, remove, start, doctor, renew.
 
 Mounted on the `aggregator` app by :func:`register`. Every operator error is a
-:class:`~aggregator.consortium.ConsortiumError` (one line, exit 2, no traceback).
+:class:`~aggregator.consortium_home.ConsortiumError` (one line, exit 2, no traceback).
 """
 
 from __future__ import annotations
@@ -19,29 +19,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from aggregator.consortium import (
-    HOME_ENV,
-    ConsortiumError,
-    ConsortiumHome,
-    check_server_certificate,
-    free_disk_check,
-    gpu_check,
-    init_consortium,
-    local_control_address,
-    parse_request,
-    probe_tls,
-    sync_authorised_nodes,
-)
+from aggregator.consortium_home import ConsortiumError, ConsortiumHome, init_consortium
+from aggregator.doctor_checks import check_server_certificate, free_disk_check, gpu_check
+from aggregator.enrollment_request import parse_request
+from aggregator.join_bundle import write_all_bundles
+from aggregator.membership import enroll as enroll_member
+from aggregator.membership import remove_member
+from aggregator.node_sync import local_control_address, sync_authorised_nodes
+from fedsilo_base.home_folder import CONSORTIUM_HOME
+from fedsilo_base.process_tree import stop_process_trees
+from fedsilo_base.tls_probe import probe_tls
 
 console = Console(soft_wrap=True)
-
-
-def _home_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(HOME_ENV, "~/.fedsilo/consortium")),
-        "--home",
-        help=f"Consortium home folder (env {HOME_ENV}).",
-    )
 
 
 def _superlink_running(home: ConsortiumHome) -> bool:
@@ -69,7 +58,7 @@ def init(
     address: str = typer.Option(
         ..., "--address", help="HOST:PORT where silos reach the SuperLink (goes in the cert SANs)."
     ),
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     days: int = typer.Option(397, "--days", help="Validity of the SuperLink certificate."),
     control_port: int = typer.Option(
         None,
@@ -93,7 +82,7 @@ def init(
 
 def enroll(
     request: Path = typer.Argument(..., help="The enrollment-request.json a silo sent."),
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     replace: bool = typer.Option(False, "--replace", help="Replace a member's keys."),
 ) -> None:
     """Verify an enrollment request, add the silo, write its join bundle."""
@@ -103,8 +92,8 @@ def enroll(
     console.print(f"  secure-aggregation key fingerprint: {parsed.secagg_fingerprint}")
     console.print(f"  node-authentication key fingerprint: {parsed.node_auth_fingerprint}")
     console.print("  compare both with the hospital's IT on the phone before sending the bundle")
-    bundle = consortium.enroll(parsed, replace=replace)
-    others = [p for p in consortium.write_all_bundles() if p != bundle]
+    bundle = enroll_member(consortium, parsed, replace=replace)
+    others = [p for p in write_all_bundles(consortium) if p != bundle]
     console.print(f"join bundle: {bundle}")
     if others:
         console.print(
@@ -114,7 +103,9 @@ def enroll(
     _sync_if_running(consortium)
 
 
-def members(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+def members(
+    home: Path = CONSORTIUM_HOME.option(), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """List member silos with their fingerprints."""
     consortium = ConsortiumHome.open(home)
     current = consortium.members()
@@ -137,13 +128,13 @@ def members(home: Path = _home_option(), as_json: bool = typer.Option(False, "--
 
 def remove(
     name: str = typer.Argument(..., help="The member to revoke."),
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
 ) -> None:
     """Revoke a member: out of the roster and out of the SuperLink's authorised nodes."""
     consortium = ConsortiumHome.open(home)
-    consortium.remove(name)
+    remove_member(consortium, name)
     (consortium.bundles_dir / f"{name}.join.json").unlink(missing_ok=True)
-    consortium.write_all_bundles()
+    write_all_bundles(consortium)
     console.print(
         f"'{name}' removed from the roster; bundles refreshed for the remaining members "
         f"(each runs 'silo join' with its new bundle)"
@@ -152,7 +143,7 @@ def remove(
 
 
 def renew(
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     days: int = typer.Option(397, "--days", help="Validity of the new certificate."),
 ) -> None:
     """Reissue the SuperLink certificate under the same CA (no silo changes anything)."""
@@ -186,7 +177,7 @@ def _report_step(consortium: ConsortiumHome, step) -> None:  # step: ca_rotation
 
 @rotate_app.command("begin")
 def rotate_begin(
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     days: int = typer.Option(3650, "--days", help="Validity of the new CA."),
 ) -> None:
     """Stage 1: a new CA; join bundles carry the old and the new CA; the SuperLink is unchanged."""
@@ -198,7 +189,7 @@ def rotate_begin(
 
 @rotate_app.command("switch")
 def rotate_switch(
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     days: int = typer.Option(397, "--days", help="Validity of the new SuperLink certificate."),
 ) -> None:
     """Stage 2: reissue the SuperLink certificate under the new CA."""
@@ -211,29 +202,12 @@ def rotate_switch(
 
 
 @rotate_app.command("finish")
-def rotate_finish(home: Path = _home_option()) -> None:
+def rotate_finish(home: Path = CONSORTIUM_HOME.option()) -> None:
     """Stage 3: the new CA becomes the CA; bundles carry only it; the old CA is retired."""
     from aggregator import ca_rotation
 
     consortium = ConsortiumHome.open(home)
     _report_step(consortium, ca_rotation.finish(consortium))
-
-
-def _children_by_parent_pid(pid: int) -> list[int]:
-    """SuperExec helpers are detached from the SuperLink but carry --parent-pid PID."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--parent-pid" in args:
-            index = args.index(b"--parent-pid")
-            if index + 1 < len(args) and args[index + 1] == str(pid).encode():
-                found.append(int(entry.name))
-    return found
 
 
 def superlink_command(consortium: ConsortiumHome) -> list[str]:
@@ -307,7 +281,7 @@ def _wait_listening(
 
 
 def start(
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     bind: str = typer.Option(
         None,
         "--bind",
@@ -338,7 +312,7 @@ def start(
             f"the Fleet port {port} is the SuperLink's loopback port; pick another --port or "
             f"set control_port in {consortium.root / 'consortium.json'}"
         )
-    from aggregator.consortium import now_iso
+    from aggregator.consortium_home import now_iso
 
     consortium.logs_dir.mkdir(parents=True, exist_ok=True)
     consortium.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -366,23 +340,7 @@ def start(
         return popen
 
     def stop(*_: object) -> None:
-        for popen in reversed(procs):
-            helpers = _children_by_parent_pid(popen.pid)
-            if popen.poll() is None:
-                try:
-                    os.killpg(popen.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for helper in helpers:
-                try:
-                    os.kill(helper, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            try:
-                popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(popen.pid, signal.SIGKILL)
-                popen.wait(timeout=5)
+        stop_process_trees(list(reversed(procs)))
         consortium.pid_file.unlink(missing_ok=True)
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -419,7 +377,7 @@ def start(
         raise
 
 
-def doctor(home: Path = _home_option()) -> None:
+def doctor(home: Path = CONSORTIUM_HOME.option()) -> None:
     """One line per check: certificates, keys, roster, SuperLink, clock, disk, GPU."""
     import datetime as dt
 

@@ -7,7 +7,6 @@ API stays on loopback.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -17,20 +16,14 @@ from rich.table import Table
 
 from aggregator.control import require_loopback, submit_run, write_flower_app
 from aggregator.registry import Registry, RegistryError
+from fedsilo_base.home_folder import CONSORTIUM_HOME
 
 console = Console(soft_wrap=True)
-HOME_ENV = "FEDSILO_HOME"
 
 
-def _home_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(HOME_ENV, "~/.fedsilo/consortium")),
-        "--home",
-        help=f"Consortium home folder holding registry.db (env {HOME_ENV}).",
-    )
-
-
-def plans(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+def plans(
+    home: Path = CONSORTIUM_HOME.option(), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """List submitted plans with their status (submitted, running, done, failed, refused)."""
     entries = Registry(home).plans()
     if as_json:
@@ -47,7 +40,7 @@ def plans(home: Path = _home_option(), as_json: bool = typer.Option(False, "--js
 
 
 def runs(
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     plan: str = typer.Option(None, "--plan", help="Only runs of this plan hash."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -76,7 +69,7 @@ def runs(
 
 def run(
     plan: str = typer.Argument(..., metavar="PLAN", help="Hash (8+ hex digits) of a plan."),
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     superlink: str = typer.Option(
         "127.0.0.1:9094", "--superlink", help="Control API on loopback (Fleet port + 1)."
     ),

@@ -14,11 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.artifacts import _atomic, read_events
+from aggregator.artifacts import read_events
 from aggregator.checkpoint import load_checkpoint
-from aggregator.cli_registry import _home_option
 from aggregator.control import require_loopback, submit_run
 from aggregator.errors import AggregatorError
+from fedsilo_base.atomic_files import PRIVATE, write_atomic
+from fedsilo_base.home_folder import CONSORTIUM_HOME
 from training_plan import load_plan, plan_hash
 
 console = Console(soft_wrap=True)
@@ -81,7 +82,7 @@ def ensure_resume_key(app_dir: Path, keys: tuple[str, ...] = ("resume", "track")
         raise AggregatorError(f"{pyproject} has no [tool.flwr.app.config] table")
     declared = "".join(f'{k} = ""\n' for k in missing)
     updated = text.replace("[tool.flwr.app.config]\n", f"[tool.flwr.app.config]\n{declared}", 1)
-    _atomic(pyproject, lambda tmp: Path(tmp).write_text(updated, encoding="utf-8"))
+    write_atomic(pyproject, updated.encode("utf-8"), mode=PRIVATE)
 
 
 def resume(
@@ -120,7 +121,7 @@ def report(
 
 
 def models(
-    home: Path = _home_option(),
+    home: Path = CONSORTIUM_HOME.option(),
     runs_dir: Path = typer.Option(
         None, "--runs", help="Folder of run out-dirs (default: HOME/runs)."
     ),
@@ -129,7 +130,16 @@ def models(
     """List the models finished runs exported (RUN/model/)."""
     from aggregator.model_registry import list_models
 
-    root = runs_dir or (home.expanduser() / "runs")
+    if runs_dir is None:
+        from aggregator.consortium_home import ConsortiumHome
+
+        root = ConsortiumHome.open(home).root / "runs"
+    elif not runs_dir.is_dir():
+        raise AggregatorError(
+            f"{runs_dir} is not a folder; pass the folder that holds run out-dirs"
+        )
+    else:
+        root = runs_dir
     found = list_models(root)
     if as_json:
         print(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fedsilo_base.errors import UserError
 
-class AggregatorError(Exception):
+
+class AggregatorError(UserError):
     """Base class of every error raised by the aggregator; the message is one line."""
 
 

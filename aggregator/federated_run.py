@@ -163,6 +163,14 @@ class FederatedRun:
         )
         report = StepReport()
         replies = self.aggregation.evaluate(grid, server_round, messages, report)
+        if report.refused:  # e.g. a silo's participation ledger: the operator must see why
+            self.events.write(
+                "silos-refused",
+                round=server_round,
+                phase=f"evaluate/{split}",
+                refused=_str_keys(report.refused),
+                notes=report.notes,
+            )
         if not replies:
             return {}, report
         if any(_counters(r) for r in replies):
@@ -313,6 +321,7 @@ class FederatedRun:
             eval_metrics = {}
 
         timings["evaluate-exchange"] = time.monotonic() - mark
+        timings.update(report.stage_seconds)
         if set(new_arrays) != {wire.MODEL}:
             raise RoundFailed(
                 f"round {server_round}: the strategy returned arrays {sorted(new_arrays)[:3]}"

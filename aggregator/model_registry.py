@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.artifacts import _atomic, read_events, save_model
+from aggregator.artifacts import read_events, save_model
 from aggregator.errors import AggregatorError
+from fedsilo_base.atomic_files import PRIVATE, atomic_path, write_atomic
 from training_plan import TrainingPlan, plan_hash
 
 EXPORT = "model"
@@ -36,7 +37,7 @@ class RegisteredModel:
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(path, text.encode("utf-8"), mode=PRIVATE)
 
 
 def model_card(
@@ -167,6 +168,7 @@ def copy_export(run_dir: Path, to: Path) -> list[Path]:
         raise AggregatorError(f"{to} already holds {', '.join(clashes)}; choose an empty folder")
     written = []
     for name in FILES:
-        _atomic(to / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+        with atomic_path(to / name, mode=PRIVATE) as tmp:
+            shutil.copyfile(source / name, tmp)
         written.append(to / name)
     return written

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedsilo_base.atomic_files import PRIVATE, PUBLIC, write_atomic
+from fedsilo_base.fingerprints import certificate_fingerprint
 
 
 @dataclass(frozen=True)
@@ -34,27 +36,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    """Atomic write of a public file (certificate), mode 0644."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=PRIVATE)
 
 
 def _now() -> dt.datetime:
@@ -110,7 +92,7 @@ def create_ca(
     )
     cert_path, key_path = folder / "ca.pem", folder / "ca.key"
     _write_key(key_path, key)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=PUBLIC)
     return cert_path, key_path
 
 
@@ -156,7 +138,7 @@ def issue_server_certificate(
     )
     cert_path, key_path = folder / "superlink.pem", folder / "superlink.key"
     _write_key(key_path, key)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=PUBLIC)
     return cert_path, key_path
 
 
@@ -182,12 +164,6 @@ class CertificateInfo:
     def days_left(self, now: dt.datetime | None = None) -> float:
         """Days until expiry (negative once expired)."""
         return (self.not_after - (now or _now())).total_seconds() / 86400.0
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 of the DER certificate, first 32 hex digits grouped by 4 (read aloud)."""
-    digest = cert.fingerprint(hashes.SHA256()).hex()[:32]
-    return " ".join(digest[i : i + 4] for i in range(0, len(digest), 4))
 
 
 def load_certificate(path: Path) -> x509.Certificate:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aggregator.errors import AggregatorError
+from fedsilo_base.home_folder import CONSORTIUM_HOME
 from training_plan import TrainingPlan, canonical_json, plan_hash
 from training_plan.signing import PlanSignature, verify_plan_signature
 
@@ -94,16 +95,26 @@ class RunEntry:
 
 
 class Registry:
-    """The consortium registry in an aggregator home."""
+    """The consortium registry in an aggregator home.
+
+    The home must exist (``aggregator init``): a mistyped ``--home``/``--consortium`` is an
+    error, never a fresh empty registry. Reading a home whose registry.db does not exist yet
+    answers "no plans" without creating it; only submitting and starting runs write.
+    """
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home).expanduser()
         self.path = self.home / REGISTRY_FILE
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30)
+    def _db(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        from aggregator.consortium_home import CONFIG_FILE, ConsortiumError
+
+        if not (self.home / CONFIG_FILE).is_file():
+            raise ConsortiumError(CONSORTIUM_HOME.missing_message(self.home, CONFIG_FILE))
+        # nothing submitted yet: read empty tables in memory, create nothing on disk
+        target = ":memory:" if not write and not self.path.exists() else str(self.path)
+        conn = sqlite3.connect(target, timeout=30)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
@@ -146,7 +157,7 @@ class Registry:
         prefix = prefix.strip().lower()
         if len(prefix) < 8:
             raise RegistryError("give at least 8 hex digits of the plan hash")
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(
                 "SELECT plan_hash,title,researcher,signer_key,submitted_at,status,approvals,"
                 "plan_json FROM plans WHERE plan_hash LIKE ?",
@@ -161,7 +172,7 @@ class Registry:
     def plans(self) -> list[PlanEntry]:
         """Every plan, newest first (statuses refreshed from their runs)."""
         self.refresh()
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(
                 "SELECT plan_hash,title,researcher,signer_key,submitted_at,status,approvals,"
                 "plan_json FROM plans ORDER BY submitted_at DESC"
@@ -190,7 +201,7 @@ class Registry:
         if digest:
             query += " WHERE plan_hash=?"
             args = (digest,)
-        with self._db() as db:
+        with self._db(write=False) as db:
             rows = db.execute(query + " ORDER BY started_at DESC", args).fetchall()
         return [RunEntry(*row[:6], json.loads(row[6])) for row in rows]
 
@@ -198,7 +209,7 @@ class Registry:
         """Update running runs (and their plans) from the events.jsonl the ServerApp writes."""
         from aggregator.artifacts import read_events
 
-        with self._db() as db:
+        with self._db(write=False) as db:
             running = db.execute(
                 "SELECT run_id, plan_hash, out_dir FROM runs WHERE status='running'"
             ).fetchall()

@@ -10,8 +10,9 @@ import html
 from pathlib import Path
 from typing import Any
 
-from aggregator.artifacts import _atomic, read_events
+from aggregator.artifacts import read_events
 from aggregator.errors import AggregatorError
+from fedsilo_base.atomic_files import PRIVATE, atomic_path, write_atomic
 
 
 def _rounds(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -26,7 +27,8 @@ def _rounds(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
+    with atomic_path(path, mode=PRIVATE) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -137,7 +139,7 @@ def write_report(run_dir: Path) -> Path:
         f"<th>bytes in</th><th>seconds</th></tr>{rows}</table></body></html>"
     )
     out = run_dir / "report.html"
-    _atomic(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    write_atomic(out, page.encode("utf-8"), mode=PRIVATE)
     return out
 
 

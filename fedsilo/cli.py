@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from training_plan import PlanError, load_plan, plan_hash
+from fedsilo_base.cli_runner import new_cli, run_cli
+from training_plan import load_plan, plan_hash
 
-app = typer.Typer(
-    name="fedsilo",
-    help="Cross-silo federated learning for hospitals (Flower + MONAI + secure aggregation).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = new_cli(
+    "fedsilo", "Cross-silo federated learning for hospitals (Flower + MONAI + secure aggregation)."
 )
 plan_app = typer.Typer(help="Write, check and inspect training plans.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
@@ -27,12 +22,6 @@ from fedsilo.plan_cli import register as _register_plan_cli  # noqa: E402
 _register_plan_cli(plan_app)
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
-
-
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
-    if debug:
-        os.environ["FEDSILO_DEBUG"] = "1"
 
 
 @app.command()
@@ -195,46 +184,6 @@ def _mount_role_clis() -> None:
 _mount_role_clis()
 
 
-def run_cli(typer_app: typer.Typer, user_errors: tuple[type[BaseException], ...]) -> None:
-    """Run a typer app: user errors print one line and exit 2; --debug shows tracebacks."""
-    debug = "--debug" in sys.argv or os.environ.get("FEDSILO_DEBUG") == "1"
-    try:
-        typer_app(standalone_mode=False)
-    except user_errors as exc:
-        if debug:
-            raise
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        err.print("interrupted; every process started was stopped")
-        raise SystemExit(130) from None
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(1) from None
-        if debug:
-            raise
-        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)")
-        raise SystemExit(1) from None
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Every package's base error: these are the user's to fix, never a traceback."""
-    from aggregator.errors import AggregatorError
-    from fedsilo.demo import DemoError
-    from fedsilo.flower_processes import ClusterError
-    from secure_agg.errors import SecureAggError
-    from silo_client.errors import SiloError
-
-    return (PlanError, SiloError, AggregatorError, SecureAggError, DemoError, ClusterError)
-
-
 def main() -> None:
     """Console entry point of `fedsilo`."""
-    run_cli(app, user_error_types())
+    run_cli(app)

@@ -29,13 +29,14 @@ from fedsilo.local_consortium import (
     score_arrays,
     train_alone,
 )
+from fedsilo_base.errors import UserError
 from silo_client.home import init_silo_home
 from training_plan import TrainingPlan, load_plan
 
 EXAMPLE_PLAN = Path(__file__).resolve().parent / "plans" / "demo-classification.yaml"
 
 
-class DemoError(RuntimeError):
+class DemoError(RuntimeError, UserError):
     """The demo could not run; the message says why."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.pki import TlsFiles
-from silo_client.processes import runner_command, superexec_helpers
+from fedsilo_base.errors import UserError
+from fedsilo_base.process_tree import stop_process_trees
+from silo_client.processes import runner_command, supernode_launch
 
 
-class ClusterError(RuntimeError):
+class ClusterError(RuntimeError, UserError):
     """A Flower process failed to start or a run could not be submitted."""
 
 
@@ -52,6 +53,15 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env.setdefault("FEDSILO_TORCH_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+FLOWER_DEFAULT_LATENCIES = {
+    "FEDSILO_GRID_PULL_INTERVAL": "3",  # Flower 1.42 Grid.send_and_receive
+    "FEDSILO_SUPERNODE_POLL_INTERVAL": "3",  # Flower 1.42 SuperNode idle sleep
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",  # Flower 1.42 SuperExec default
+    "FEDSILO_TASK_LAUNCH": "plain",  # one fresh interpreter per message, as flwr-clientapp
+}
+"""Environment that makes fedsilo's processes wait as Flower 1.42's defaults do."""
 
 
 @dataclass
@@ -84,6 +94,21 @@ class FlowerCluster:
     processes: list[ManagedProcess] = field(default_factory=list)
     enable_node_auth: bool = False
     database: Path | None = None
+    flower_defaults: bool = False
+    """Run with Flower 1.42's own latencies (3 s SuperNode and ServerApp polls, 1 s SuperExec
+    poll, a fresh interpreter per task) instead of fedsilo's: for bench/round_latency.py."""
+
+    @property
+    def fast_polling(self) -> bool:
+        """Whether processes use fedsilo's short polls and pre-warmed task worker."""
+        return not self.flower_defaults
+
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        """The environment of this cluster's processes."""
+        env = flower_env(flwr_home)
+        if self.flower_defaults:
+            env.update(FLOWER_DEFAULT_LATENCIES)
+        return env
 
     @property
     def address(self) -> str:
@@ -100,7 +125,7 @@ class FlowerCluster:
             stdout=handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=flower_env(flwr_home),
+            env=self.env(flwr_home),
             cwd=self.workdir,
             start_new_session=True,
         )
@@ -169,7 +194,7 @@ class FlowerCluster:
         supernode = self._start(
             f"supernode-{name}",
             [
-                _bin("flower-supernode"),
+                *(supernode_launch() if self.fast_polling else [_bin("flower-supernode")]),
                 "--root-certificates",
                 str(root_certificates or self.tls.ca_cert),
                 "--superlink",
@@ -249,29 +274,7 @@ class FlowerCluster:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process (SIGTERM, then SIGKILL), SuperExec helpers included."""
-        for process in reversed(self.processes):
-            pid = process.popen.pid
-            helpers = superexec_helpers(pid)
-            if process.alive():
-                try:
-                    os.killpg(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for helper in helpers:
-                try:
-                    os.kill(helper, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for process in self.processes:
-            try:
-                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.popen.wait(timeout=5)
+        stop_process_trees([p.popen for p in reversed(self.processes)], grace)
         self.processes.clear()
 
     def __enter__(self) -> FlowerCluster:

@@ -6,17 +6,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from fedsilo_base.home_folder import CONSORTIUM_HOME
 from training_plan import load_plan, plan_hash
 from training_plan.errors import PlanError
 
 console = Console(soft_wrap=True)
-CONSORTIUM_ENV = "FEDSILO_CONSORTIUM"
 
 TEMPLATE = """\
 # A fedsilo training plan (schema version 2). Check it with: fedsilo plan validate {name}
@@ -31,16 +30,7 @@ researcher:
   # public_key: paste the line of your .pub file ('fedsilo plan keygen') to pin your key
 dataset: default               # tag of the registered local dataset at each silo
 task: {task}
-model:
-  name: resnet10               # resnet10/18/34, efficientnet-b0/b1, densenet121
-preprocessing:
-  input_size: 64
-  augmentations: []            # allow-list: flip-horizontal, flip-vertical, rotate-90, ...
-training:
-  optimizer: adam
-  learning_rate: 0.001
-  local_epochs: 1
-  batch_size: 8
+{task_sections}
 federation:
   rounds: 5
   min_silos: 3
@@ -50,32 +40,70 @@ secure_aggregation:
   enabled: true
   max_weight: 2000
 evaluation:
-  metrics: [loss, accuracy]
+  metrics: {metrics}
 """
+
+# What differs between the tasks a plan can ask for: model, preprocessing, training, metrics.
+TASK_SECTIONS = {
+    "classification": (
+        """\
+model:
+  name: resnet10               # resnet10/18/34, efficientnet-b0/b1, densenet121
+preprocessing:
+  input_size: 64
+  augmentations: []            # allow-list: flip-horizontal, flip-vertical, rotate-90, ...
+training:
+  optimizer: adam
+  learning_rate: 0.001
+  local_epochs: 1
+  batch_size: 8""",
+        "[loss, accuracy]",
+    ),
+    "segmentation": (
+        """\
+model:
+  name: unet                   # MONAI UNet on 3-D series (masks: DICOM SEG or NIfTI)
+preprocessing:
+  input_size: 32               # each series resampled to a cube of this side
+  window: {center: 40, width: 400}
+  augmentations: []            # allow-list: flip-horizontal, flip-vertical, rotate-90, ...
+training:
+  optimizer: adam
+  learning_rate: 0.01
+  local_epochs: 2
+  batch_size: 4
+  loss: dice""",
+        "[loss, dice, hd95]",
+    ),
+}
 
 
 def _consortium_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(CONSORTIUM_ENV, "~/.fedsilo/consortium")),
-        "--consortium",
-        help=f"The consortium's home as its operator exposes it (env {CONSORTIUM_ENV}).",
+    return CONSORTIUM_HOME.option(
+        "--consortium", help_text="The consortium's home as its operator exposes it."
     )
 
 
 def plan_new(
     out: Path = typer.Argument(Path("plan.yaml"), help="Where to write the new plan."),
-    task: str = typer.Option("classification", "--task", help="classification"),
+    task: str = typer.Option(
+        "classification", "--task", help=f"One of: {', '.join(TASK_SECTIONS)}."
+    ),
     title: str = typer.Option("My federated study", "--title"),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a plan template with every section, ready to edit."""
-    if task != "classification":
-        raise PlanError(f"task '{task}' is not supported yet (supported: classification)")
+    if task not in TASK_SECTIONS:
+        raise PlanError(f"task '{task}' is not known (use one of: {', '.join(TASK_SECTIONS)})")
     if out.exists() and not force:
         raise PlanError(f"{out} exists; pass --force to overwrite it")
-    from silo_client.home import write_atomic
+    from fedsilo_base.atomic_files import write_atomic
 
-    write_atomic(out, TEMPLATE.format(name=out, title=title, task=task).encode(), mode=0o644)
+    sections, metrics = TASK_SECTIONS[task]
+    text = TEMPLATE.format(
+        name=out, title=title, task=task, task_sections=sections, metrics=metrics
+    )
+    write_atomic(out, text.encode(), mode=0o644)
     load_plan(out)
     console.print(f"wrote {out}; edit it, then 'fedsilo plan validate {out}'")
 

@@ -7,8 +7,10 @@ why in plain words (and ``peer`` names the silo involved, when there is one).
 
 from __future__ import annotations
 
+from fedsilo_base.errors import UserError
 
-class SecureAggError(Exception):
+
+class SecureAggError(UserError):
     """Base class of every error raised by :mod:`secure_agg`."""
 
 

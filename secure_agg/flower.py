@@ -5,8 +5,8 @@ Server side: :class:`SecureAggregation`, the ``AggregationStep`` that the round 
 ``aggregate_train`` (and the same for evaluation). Silo side: ``silo_client.secure_round``,
 which uses the record helpers below.
 
-Exchanges (one ``grid.send_and_receive`` each; message type ``<phase>.sa_<stage>`` with phase
-``train`` or ``evaluate``)::
+Exchanges (one :func:`send_and_receive` each: ``Grid.push_messages`` and a short pull loop;
+message type ``<phase>.sa_<stage>`` with phase ``train`` or ``evaluate``)::
 
     sa_hello        server -> silo: global ArrayRecord + the strategy's ConfigRecord (plan, plan
                     hash, run id, round) + header; silo -> server: its silo NAME, its identity
@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +102,96 @@ def codec_settings(plan: TrainingPlan) -> dict[str, Any]:
         "bits": int(spec.field_bits),
         "w_max": float(spec.max_weight),
     }
+
+
+# ------------------------------------------------------------------------ one exchange
+PULL_INTERVAL_ENV = "FEDSILO_GRID_PULL_INTERVAL"
+"""Environment variable: a fixed pull interval in seconds (``3`` reproduces Flower 1.42's
+``Grid.send_and_receive``); unset, pulls back off from 0.02 s to 0.25 s while nothing arrives."""
+FIRST_PULL_INTERVAL = 0.02
+LONGEST_PULL_INTERVAL = 0.25
+
+
+def pull_intervals() -> tuple[float, float]:
+    """(first, longest) seconds between pulls: :data:`PULL_INTERVAL_ENV` fixes both."""
+    raw = os.environ.get(PULL_INTERVAL_ENV, "").strip()
+    if not raw:
+        return FIRST_PULL_INTERVAL, LONGEST_PULL_INTERVAL
+    try:
+        fixed = float(raw)
+    except ValueError:
+        fixed = float("nan")
+    if not 0.001 <= fixed <= 60.0:  # also refuses nan
+        raise ValueError(
+            f"{PULL_INTERVAL_ENV}={raw!r} is not a number of seconds between 0.001 and 60; "
+            "unset it for fedsilo's default"
+        )
+    return fixed, fixed
+
+
+UNAVAILABLE_RETRIES = 20
+"""How often a reply whose objects were not yet uploaded is pulled again before it counts."""
+
+
+def _not_uploaded_yet(message: Message) -> bool:
+    from flwr.common.constant import ErrorCode
+
+    return message.has_error() and message.error.code == ErrorCode.MESSAGE_UNAVAILABLE
+
+
+def pulls_every_three_seconds(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower 1.42's deployment Grid (``HttpGrid``), whose
+    ``send_and_receive`` sleeps a hard-coded 3 s between pulls. Other grids keep their own:
+    the simulation's ``InMemoryGrid`` has a configurable ``pull_interval``, and an in-process
+    test grid answers while pushing."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    return isinstance(grid, HttpGrid)
+
+
+def send_and_receive(
+    grid: Grid, messages: Iterable[Message], *, timeout: float | None, own_loop: bool | None = None
+) -> list[Message]:
+    """Push ``messages`` and pull their replies until all arrived or ``timeout`` (None: no limit).
+
+    Flower 1.42's ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls, which made every
+    exchange of a secure round (six per phase) cost seconds of pure waiting. This uses the public
+    ``push_messages``/``pull_messages`` with a short interval that backs off while nothing
+    arrives (a long local training is not polled 50 times a second) and snaps back after each
+    reply. A message the SuperLink did not accept (``None`` id) is not waited for. ``own_loop``
+    (default: :func:`pulls_every_three_seconds`) chooses this loop over the grid's own method.
+    """
+    if not (pulls_every_three_seconds(grid) if own_loop is None else own_loop):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    first, longest = pull_intervals()
+    waiting = {i for i in grid.push_messages(messages) if i is not None}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    interval = first
+    unavailable: dict[str, int] = {}
+    while waiting:
+        got = []
+        for message in grid.pull_messages(waiting):
+            asked = message.metadata.reply_to_message_id
+            if _not_uploaded_yet(message) and unavailable.get(asked, 0) < UNAVAILABLE_RETRIES:
+                # Flower's HttpGrid answers a reply whose objects it could not pull (the silo's
+                # upload still running) with an error of its own, without confirming it: the
+                # reply stays on the SuperLink, so pull it again instead of losing the silo.
+                unavailable[asked] = unavailable.get(asked, 0) + 1
+                continue
+            got.append(message)
+        replies.extend(got)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not waiting:
+            break
+        interval = first if got else min(longest, interval * 1.5)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            interval = min(interval, left)
+        time.sleep(interval)
+    return replies
 
 
 # ------------------------------------------------------------------------ records <-> dicts
@@ -323,7 +415,12 @@ class _Exchange:
             for node, c in contents.items()
         ]
         got: dict[int, tuple[Message, dict[str, Any]]] = {}
-        for reply in self.grid.send_and_receive(out, timeout=timeout):
+        started = time.monotonic()
+        answers = send_and_receive(self.grid, out, timeout=timeout)
+        seconds = getattr(self.report, "stage_seconds", None)
+        if seconds is not None:  # per-stage wall time, for the round's timings (no values)
+            seconds[f"{self.phase}.{stage}"] = time.monotonic() - started
+        for reply in answers:
             node = reply.metadata.src_node_id
             if node not in contents or node in got:
                 continue

@@ -8,12 +8,10 @@ identity key over a :func:`transcript` that binds run, round, stage and silo nam
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,6 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedsilo_base import fingerprints
+from fedsilo_base.atomic_files import PRIVATE, PUBLIC, write_atomic
 
 from .errors import BadSignature, ConfigurationError, MalformedMessage, UnknownPeer
 
@@ -55,28 +56,6 @@ def transcript(label: str, run_id: str, round_: int, *fields: object) -> bytes:
     return _item([PROTOCOL, label, run_id, round_, *fields])
 
 
-def fingerprint_of(public_bytes: bytes) -> str:
-    """Short hex SHA-256 fingerprint of a raw public key, grouped by 4 for reading aloud."""
-    h = hashlib.sha256(public_bytes).hexdigest()[:32]
-    return " ".join(h[i : i + 4] for i in range(0, len(h), 4))
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class IdentityKey:
     """A silo's long-term Ed25519 signing key."""
 
@@ -95,7 +74,7 @@ class IdentityKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _atomic_write(Path(path), pem, 0o600)
+        write_atomic(Path(path), pem, mode=PRIVATE)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> IdentityKey:
@@ -118,7 +97,7 @@ class IdentityKey:
 
     def fingerprint(self) -> str:
         """Short grouped hex of SHA-256(public key), to compare out of band."""
-        return fingerprint_of(self.public_bytes)
+        return fingerprints.fingerprint(self.public_bytes)
 
     def sign(self, message: bytes) -> bytes:
         """Ed25519 signature (64 bytes) of ``message``."""
@@ -153,7 +132,7 @@ class Roster(Mapping[str, bytes]):
 
     def fingerprint(self, name: str) -> str:
         """Fingerprint of the key trusted for ``name``."""
-        return fingerprint_of(self._raw[name])
+        return fingerprints.fingerprint(self._raw[name])
 
     def verify(self, name: str, message: bytes, signature: bytes) -> None:
         """Raise UnknownPeer / BadSignature unless ``signature`` is ``name``'s over ``message``."""
@@ -190,7 +169,7 @@ class Roster(Mapping[str, bytes]):
             for name, entry in silos.items():
                 raw = base64.b64decode(entry["ed25519"], validate=True)
                 roster.add(name, raw)
-                if "fingerprint" in entry and entry["fingerprint"] != fingerprint_of(raw):
+                if "fingerprint" in entry and entry["fingerprint"] != fingerprints.fingerprint(raw):
                     raise ConfigurationError(f"fingerprint mismatch for {name!r} in roster")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigurationError(f"invalid roster file: {exc}") from exc
@@ -200,7 +179,7 @@ class Roster(Mapping[str, bytes]):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the roster as JSON atomically (temp file + os.replace), mode 0644."""
-        _atomic_write(Path(path), self.to_json().encode(), 0o644)
+        write_atomic(Path(path), self.to_json().encode(), mode=PUBLIC)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Roster:

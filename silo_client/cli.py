@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from fedsilo_base.cli_runner import new_cli, run_cli
+from fedsilo_base.home_folder import SILO_HOME
 from silo_client.data_cli import data_app
 from silo_client.errors import SiloError
-from silo_client.home import HOME_ENV, SiloHome, init_silo_home
-from training_plan.errors import PlanError
+from silo_client.home import SiloHome, init_silo_home
 
-app = typer.Typer(
-    name="silo",
-    help="Hospital side of fedsilo: the silo home, its data, its SuperNode.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = new_cli("silo", "Hospital side of fedsilo: the silo home, its data, its SuperNode.")
 app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 
@@ -42,19 +35,11 @@ from silo_client.cli_enroll import register as _register_enrollment  # noqa: E40
 _register_enrollment(app)
 
 
-def _home_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
-        "--home",
-        help=f"Silo home folder (env {HOME_ENV}).",
-    )
-
-
 @app.command()
 def init(
     name: str = typer.Option(..., "--name", help="The hospital's name in the consortium."),
     dataset: Path = typer.Option(None, "--dataset", help="Folder with dicom/ and labels.csv."),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
 ) -> None:
     """Create the silo home (or update its name and default dataset)."""
     if dataset is not None and not dataset.is_dir():
@@ -69,7 +54,7 @@ def init(
 
 
 @app.command()
-def show(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+def show(home: Path = SILO_HOME.option(), as_json: bool = typer.Option(False, "--json")) -> None:
     """Show the silo's name and registered datasets."""
     silo = SiloHome.open(home)
     if as_json:
@@ -82,22 +67,4 @@ def show(home: Path = _home_option(), as_json: bool = typer.Option(False, "--jso
 
 def main() -> None:
     """Console entry point of `silo`."""
-    debug = "--debug" in sys.argv
-    if debug:
-        sys.argv.remove("--debug")
-    try:
-        app(standalone_mode=False)
-    except (SiloError, PlanError) as exc:
-        if debug:
-            raise
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
-    except typer.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise
+    run_cli(app)

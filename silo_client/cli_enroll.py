@@ -7,11 +7,9 @@ bundle; errors are :class:`SiloConfigError` (one line, exit 2).
 
 from __future__ import annotations
 
-import email.utils
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedsilo_base.fingerprints import pem_certificate_fingerprints
+from fedsilo_base.home_folder import SILO_HOME
+from fedsilo_base.process_tree import stop_process_tree
+from fedsilo_base.tls_probe import probe_tls
 from silo_client.enrollment import (
     ca_path,
     install_bundle,
@@ -32,21 +34,13 @@ from silo_client.enrollment import (
     write_enrollment_request,
 )
 from silo_client.errors import SiloConfigError, SiloError
-from silo_client.home import HOME_ENV, SiloHome
-from silo_client.processes import runner_command, stop_process_tree
+from silo_client.home import SiloHome
+from silo_client.processes import runner_command, supernode_launch
 
 console = Console(soft_wrap=True)
 
 #: Lines in a SuperNode log that mean the SuperLink refused this node's key (Flower 1.42).
 AUTH_REFUSED_MARKERS = ("[code: 2004]", "Failed to activate SuperNode", "Invalid SuperNode auth")
-
-
-def _home_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
-        "--home",
-        help=f"Silo home folder (env {HOME_ENV}).",
-    )
 
 
 def report_enrollment(silo: SiloHome) -> None:
@@ -62,7 +56,7 @@ def report_enrollment(silo: SiloHome) -> None:
 
 def join(
     bundle: Path = typer.Argument(..., help="The join bundle the consortium sent."),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     yes: bool = typer.Option(False, "--yes", help="Install a changed roster without asking."),
 ) -> None:
     """Install a join bundle: CA, SuperLink address, and the roster this silo pins."""
@@ -83,7 +77,7 @@ def join(
             name + mark, rec.get("secagg_fingerprint", "?"), rec.get("node_auth_fingerprint", "?")
         )
     console.print(table)
-    cas = _ca_fingerprints(parsed.ca_pem)
+    cas = pem_certificate_fingerprints(parsed.ca_pem)
     if len(cas) > 1:
         # a staged CA rotation: the SuperLink's certificate may come from either CA
         console.print(f"CA fingerprints (the consortium is rotating its CA): {', '.join(cas)}")
@@ -118,68 +112,6 @@ def join(
 
 
 # --------------------------------------------------------------------- checks
-def probe_tls(address: str, ca_file: Path, timeout: float = 5.0) -> tuple[bool, str, float | None]:
-    """TLS handshake and GET /health; (ok, one line, clock skew in s from the Date header)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    context = ssl.create_default_context(cafile=str(ca_file))
-    try:
-        with (
-            socket.create_connection((host, int(port)), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=host) as tls,
-        ):
-            tls.sendall(
-                f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
-            )
-            data = b""
-            while b"\r\n\r\n" not in data and len(data) < 65536:
-                chunk = tls.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except ssl.SSLCertVerificationError as exc:
-        reason = exc.verify_message or str(exc)
-        if "expired" in reason:
-            hint = (
-                "the SuperLink's certificate has expired: ask the consortium to 'aggregator renew'"
-            )
-        elif "self-signed" in reason or "local issuer" in reason:
-            hint = (
-                "the SuperLink's certificate is not signed by the consortium CA this silo "
-                "joined with: check the address, or ask for a fresh join bundle"
-            )
-        else:
-            hint = "check the SuperLink address and the consortium CA"
-        return False, f"TLS to {address} refused: {reason} ({hint})", None
-    except (OSError, ValueError) as exc:
-        return (
-            False,
-            f"SuperLink {address} unreachable ({exc}): network, firewall, or is it up?",
-            None,
-        )
-    skew = None
-    for line in data.split(b"\r\n"):
-        if line.lower().startswith(b"date:"):
-            try:
-                server = email.utils.parsedate_to_datetime(line[5:].decode().strip())
-                skew = time.time() - server.timestamp()
-            except (TypeError, ValueError):
-                skew = None
-    return True, f"SuperLink {address} reachable with TLS", skew
-
-
-def _ca_fingerprints(pem: str) -> list[str]:
-    """Fingerprints of every certificate in a PEM text (two during a CA rotation)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    out = []
-    for cert in x509.load_pem_x509_certificates(pem.encode()):
-        digest = cert.fingerprint(hashes.SHA256()).hex()[:32]
-        out.append(" ".join(digest[i : i + 4] for i in range(0, len(digest), 4)))
-    return out
-
-
 def _cert_days_left(path: Path) -> float:
     import datetime as dt
 
@@ -190,7 +122,7 @@ def _cert_days_left(path: Path) -> float:
 
 
 def doctor(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     aet: str = typer.Option("FEDSILO", "--aet", help="Our AE title for the PACS C-ECHO."),
     called_aet: str = typer.Option("ORTHANC", "--called-aet", help="The PACS's AE title."),
 ) -> None:
@@ -209,7 +141,7 @@ def doctor(
     if info:
         results.append((True, "joined", f"consortium '{info['consortium']}', {info['superlink']}"))
         left = _cert_days_left(ca_path(silo))
-        if len(_ca_fingerprints(ca_path(silo).read_text())) > 1:
+        if len(pem_certificate_fingerprints(ca_path(silo).read_text())) > 1:
             results.append(
                 (
                     True,
@@ -305,9 +237,8 @@ def _free_port() -> int:
 
 def supernode_command(silo: SiloHome, superlink: str, runtime_port: int) -> list[str]:
     """The flower-supernode command line for this silo."""
-    exe = Path(sys.executable).parent / "flower-supernode"
     return [
-        str(exe) if exe.exists() else "flower-supernode",
+        *supernode_launch(),
         "--root-certificates",
         str(ca_path(silo)),
         "--superlink",
@@ -326,7 +257,7 @@ def supernode_command(silo: SiloHome, superlink: str, runtime_port: int) -> list
 
 
 def start(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     runtime_port: int = typer.Option(
         0, "--runtime-port", help="Local port of the SuperNode's runtime API (0: pick a free one)."
     ),

@@ -10,13 +10,18 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
+from fedsilo_base.home_folder import SILO_HOME
 from silo_client.errors import SiloError
-from silo_client.home import HOME_ENV, SiloHome
+from silo_client.home import SiloHome
 from training_plan import TrainingPlan, load_plan, plan_hash
+
+if TYPE_CHECKING:
+    from silo_client.governance.policy import SitePolicy
 
 console = Console(soft_wrap=True)
 
@@ -28,14 +33,6 @@ privacy_app = typer.Typer(
 )
 
 
-def _home_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
-        "--home",
-        help=f"Silo home folder (env {HOME_ENV}).",
-    )
-
-
 def _plan_and_signature(path: Path):
     from training_plan.signing import read_signature
 
@@ -43,8 +40,14 @@ def _plan_and_signature(path: Path):
     return plan, read_signature(path)
 
 
-def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[str]) -> str:
-    """A summary of a plan for a hospital's IT and data-protection officer."""
+def review_text(
+    plan: TrainingPlan,
+    signer: str | None,
+    policy_problems: list[str],
+    policy: SitePolicy | None = None,
+) -> str:
+    """A summary of a plan for a hospital's IT and data-protection officer (``policy``: the
+    site's, for the collusion bound; the defaults when None)."""
     from training_plan.signing import fingerprint
 
     r = plan.researcher
@@ -103,11 +106,35 @@ def review_text(plan: TrainingPlan, signer: str | None, policy_problems: list[st
             else "none (no privacy section): the model carries no differential-privacy guarantee"
         ),
     ]
+    if sa.enabled:
+        lines.append(collusion_text(plan, policy))
     if policy_problems:
         lines.append("Site policy   OUT OF POLICY: " + "; ".join(policy_problems))
     else:
         lines.append("Site policy   within this site's policy")
     return "\n".join(lines)
+
+
+def collusion_text(plan: TrainingPlan, policy: SitePolicy | None = None) -> str:
+    """The collusion bound of the smallest round this site would join under ``plan``
+    (docs/secure_agg.md, threat model), and the threshold the site's policy derives."""
+    from secure_agg.protocol import default_threshold
+    from silo_client.governance.policy import SitePolicy
+
+    policy = policy or SitePolicy()
+    n = policy.min_round_silos(plan)
+    threshold = plan.secure_aggregation.threshold
+    t = threshold if threshold is not None else default_threshold(n)
+    k, needed = policy.tolerated_colluders, policy.min_threshold(n)
+    text = (
+        f"Collusion     in a round of n={n} silos with threshold t={t}, the server plus "
+        f"2t-n={2 * t - n} colluding silo(s) can recover one silo's update (two survivor sets "
+        f"shown to two groups); this site tolerates {k}, so it requires t >= {needed} at n={n} "
+        f"(floor((n+{k})/2)+1 for n silos) and at least {n} silos in every sum"
+    )
+    if t < needed:
+        text += "; THIS PLAN'S THRESHOLD IS TOO LOW: this silo will refuse its rounds"
+    return text
 
 
 def _metric_disclosure(plan: TrainingPlan) -> str:
@@ -126,7 +153,7 @@ def _metric_disclosure(plan: TrainingPlan) -> str:
 @plan_app.command("review")
 def plan_review(
     path: Path = typer.Argument(..., help="Plan YAML (its signature is read from PATH.sig)."),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
 ) -> None:
     """Show who asks, for what, which data and model, and what leaves the site."""
     from silo_client.governance.policy import load_policy
@@ -137,7 +164,7 @@ def plan_review(
     signer = verify_plan_signature(plan, signature) if signature else None
     policy = load_policy(silo.root)
     problems = policy.violations(plan, signer)
-    text = review_text(plan, signer, problems)
+    text = review_text(plan, signer, problems, policy)
     if plan.privacy is not None:
         from silo_client.governance.privacy_ledger import PrivacyLedger, review_lines
         from training_plan.privacy import plan_budget
@@ -155,7 +182,7 @@ def plan_review(
 @plan_app.command("approve")
 def plan_approve(
     path: Path = typer.Argument(..., help="Plan YAML (its signature is read from PATH.sig)."),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     actor: str = typer.Option(None, "--as", help="Who approves (default: your login name)."),
     note: str = typer.Option("", "--note", help="A note kept with the approval."),
 ) -> None:
@@ -171,7 +198,7 @@ def plan_approve(
 @plan_app.command("revoke")
 def plan_revoke(
     plan_hash_prefix: str = typer.Argument(..., metavar="HASH", help="Plan hash (8+ hex digits)."),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     actor: str = typer.Option(None, "--as", help="Who revokes (default: your login name)."),
 ) -> None:
     """Withdraw an approval: the silo refuses the plan from its next message on."""
@@ -183,7 +210,9 @@ def plan_revoke(
 
 
 @plan_app.command("list")
-def plan_list(home: Path = _home_option(), as_json: bool = typer.Option(False, "--json")) -> None:
+def plan_list(
+    home: Path = SILO_HOME.option(), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """List approved (and revoked) plans with who and when."""
     from dataclasses import asdict
 
@@ -207,7 +236,7 @@ def plan_list(home: Path = _home_option(), as_json: bool = typer.Option(False, "
 
 
 @policy_app.command("show")
-def policy_show(home: Path = _home_option()) -> None:
+def policy_show(home: Path = SILO_HOME.option()) -> None:
     """Print the site policy with every default made explicit."""
     from silo_client.governance.policy import load_policy, policy_path, policy_yaml
 
@@ -219,7 +248,7 @@ def policy_show(home: Path = _home_option()) -> None:
 
 @policy_app.command("check")
 def policy_check(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     file: Path = typer.Option(None, "--file", help="Check this policy file instead."),
     plan_path: Path = typer.Option(None, "--plan", help="Also check a plan against the policy."),
 ) -> None:
@@ -247,7 +276,7 @@ def policy_check(
 
 @policy_app.command("edit")
 def policy_edit(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     source: Path = typer.Option(
         None, "--from", help="Take the new policy from this file instead of opening $EDITOR."
     ),
@@ -281,7 +310,7 @@ def policy_edit(
 
 @audit_app.command("show")
 def audit_show(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     run: str = typer.Option(None, "--run", help="Only entries of this run id."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
@@ -305,7 +334,7 @@ def audit_show(
 
 
 @audit_app.command("verify")
-def audit_verify(home: Path = _home_option()) -> None:
+def audit_verify(home: Path = SILO_HOME.option()) -> None:
     """Check the hash chain: detects an edited, removed or reordered line (exit 2)."""
     from silo_client.governance.audit import AuditError, AuditLog
 
@@ -318,7 +347,7 @@ def audit_verify(home: Path = _home_option()) -> None:
 
 @audit_app.command("export")
 def audit_export(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     out: Path = typer.Option(None, "--out", help="Write here (default: stdout)."),
 ) -> None:
     """Export the verified log as JSON lines for security monitoring; prints the head hash."""
@@ -334,7 +363,7 @@ def audit_export(
     if out is None:
         print(body, end="")
     else:
-        from silo_client.home import write_atomic
+        from fedsilo_base.atomic_files import write_atomic
 
         write_atomic(out, body.encode(), mode=0o600)
         console.print(f"exported {result.entries} entries to {out}; head hash {result.head}")
@@ -342,7 +371,7 @@ def audit_export(
 
 @privacy_app.command("show")
 def privacy_show(
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     dataset: str = typer.Option(None, "--dataset", help="Only this dataset tag."),
     as_json: bool = typer.Option(False, "--json", help="Totals and every run as JSON."),
 ) -> None:

@@ -7,7 +7,6 @@ sent anywhere. Every command takes ``--json`` for machine-readable output.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedsilo_base.home_folder import SILO_HOME
 from silo_client.errors import DataError
-from silo_client.home import HOME_ENV, SiloHome
+from silo_client.home import SiloHome
 
 data_app = typer.Typer(
     name="data",
@@ -28,14 +28,6 @@ data_app = typer.Typer(
 console = Console(soft_wrap=True)
 
 _KEYS = "StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, AccessionNumber or PatientID"
-
-
-def _home_option() -> Path:
-    return typer.Option(
-        Path(os.environ.get(HOME_ENV, "~/.fedsilo/silo")),
-        "--home",
-        help=f"Silo home folder (env {HOME_ENV}).",
-    )
 
 
 def _json_option() -> bool:
@@ -59,6 +51,21 @@ def _progress(enabled: bool) -> tuple[Progress | None, Any]:
         progress.update(task, completed=done, total=total)
 
     return progress, update
+
+
+def _has_catalogue(silo: SiloHome) -> bool:
+    """Reading commands never create the catalogue: none yet means nothing is registered."""
+    from silo_client.data.catalogue import CATALOGUE_FILE
+
+    return (silo.root / CATALOGUE_FILE).is_file()
+
+
+def _require_catalogue(silo: SiloHome, name: str) -> None:
+    if not _has_catalogue(silo):
+        raise DataError(
+            f"silo '{silo.name}' has no dataset named '{name}' (none registered yet); register "
+            f"it with 'silo data add {name} --dicom-dir PATH'"
+        )
 
 
 def _audit(home: SiloHome, event: str, **fields: Any) -> None:
@@ -86,7 +93,7 @@ def add(
     labels: Path = typer.Option(None, "--labels", help="Labels CSV."),
     label_column: str = typer.Option("label", "--label-column", help="Column with the label."),
     key: str = typer.Option("StudyInstanceUID", "--key", help=f"Column/tag to match: {_KEYS}."),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     as_json: bool = _json_option(),
 ) -> None:
     """Register a dataset, or ingest what is new in it (resumes an interrupted ingest)."""
@@ -163,19 +170,20 @@ def add(
 
 
 @data_app.command("list")
-def list_(home: Path = _home_option(), as_json: bool = _json_option()) -> None:
+def list_(home: Path = SILO_HOME.option(), as_json: bool = _json_option()) -> None:
     """List the registered datasets."""
     from silo_client.data.catalogue import Catalogue
 
     silo = SiloHome.open(home)
     out = []
-    with Catalogue.of_home(silo.root) as catalogue:
-        for record in catalogue.datasets():
-            s = catalogue.summary(record.name)
-            out.append({"name": record.name, "source_kind": record.source_kind,
-                        "source": record.source, "state": record.state, "ok": s["ok"],
-                        "skipped": s["skipped"], "labels": s["labels"]})  # fmt: skip
-        names = {d["name"] for d in out}
+    if _has_catalogue(silo):
+        with Catalogue.of_home(silo.root) as catalogue:
+            for record in catalogue.datasets():
+                s = catalogue.summary(record.name)
+                out.append({"name": record.name, "source_kind": record.source_kind,
+                            "source": record.source, "state": record.state, "ok": s["ok"],
+                            "skipped": s["skipped"], "labels": s["labels"]})  # fmt: skip
+    names = {d["name"] for d in out}
     for key, folder in sorted(silo.datasets.items()):
         if key not in names:
             out.append({"name": key, "source_kind": "folder (not catalogued)", "source": folder,
@@ -194,7 +202,7 @@ def list_(home: Path = _home_option(), as_json: bool = _json_option()) -> None:
 @data_app.command("show")
 def show(
     name: str = typer.Argument(...),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     files: bool = typer.Option(False, "--files", help="List every skipped file."),
     as_json: bool = _json_option(),
 ) -> None:
@@ -202,6 +210,7 @@ def show(
     from silo_client.data.catalogue import Catalogue
 
     silo = SiloHome.open(home)
+    _require_catalogue(silo, name)
     with Catalogue.of_home(silo.root) as catalogue:
         summary = catalogue.summary(name)
         skipped = catalogue.skipped(name)
@@ -242,7 +251,7 @@ def show(
 @data_app.command("check")
 def check(
     name: str = typer.Argument(...),
-    home: Path = _home_option(),
+    home: Path = SILO_HOME.option(),
     min_images: int = typer.Option(None, "--min-images", help="Default: the site policy's."),
     as_json: bool = _json_option(),
 ) -> None:
@@ -251,6 +260,7 @@ def check(
     from silo_client.data.checks import check_dataset
 
     silo = SiloHome.open(home)
+    _require_catalogue(silo, name)
     if min_images is None:
         try:
             from silo_client.governance.policy import load_policy
@@ -271,7 +281,7 @@ def check(
 
 @data_app.command("remove")
 def remove(
-    name: str = typer.Argument(...), home: Path = _home_option(), as_json: bool = _json_option()
+    name: str = typer.Argument(...), home: Path = SILO_HOME.option(), as_json: bool = _json_option()
 ) -> None:
     """Forget a dataset (the hospital's own DICOM folder is never touched)."""
     from silo_client.data.ingest import remove_dataset
@@ -287,12 +297,13 @@ def remove(
 
 @data_app.command("audit")
 def audit_cmd(
-    name: str = typer.Argument(...), home: Path = _home_option(), as_json: bool = _json_option()
+    name: str = typer.Argument(...), home: Path = SILO_HOME.option(), as_json: bool = _json_option()
 ) -> None:
     """Which PS3.15 basic-profile attributes the dataset's files carry, and burned-in text."""
     from silo_client.data.deid_audit import audit_dataset
 
     silo = SiloHome.open(home)
+    _require_catalogue(silo, name)
     report = audit_dataset(silo.root, name)
     if as_json:
         _emit(report)

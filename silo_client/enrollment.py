@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedsilo_base.atomic_files import write_atomic
+from fedsilo_base.fingerprints import pem_certificate_fingerprints, ssh_key_fingerprint
 from silo_client.errors import SiloConfigError
-from silo_client.home import SiloHome, write_atomic
+from silo_client.home import SiloHome
 from silo_client.identity import ensure_identity, identity_dir, load_roster, roster_path
 
 REQUEST_FORMAT = "fedsilo-enrollment-request/1"
@@ -45,12 +45,6 @@ CONSORTIUM_DIR = "consortium"
 def canonical(payload: dict[str, Any]) -> bytes:
     """Canonical JSON bytes: what the request's signatures cover."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-
-
-def fingerprint(data: bytes) -> str:
-    """SHA-256, first 32 hex digits grouped by 4 (same form as secure_agg's fingerprints)."""
-    digest = hashlib.sha256(data).hexdigest()[:32]
-    return " ".join(digest[i : i + 4] for i in range(0, len(digest), 4))
 
 
 def node_key_path(home: SiloHome) -> Path:
@@ -110,11 +104,6 @@ def node_public_line(key: ec.EllipticCurvePrivateKey) -> str:
     )
 
 
-def node_key_fingerprint(line: str) -> str:
-    """Fingerprint of an OpenSSH public line (SHA-256 over the decoded key blob)."""
-    return fingerprint(base64.b64decode(line.split()[1]))
-
-
 @dataclass(frozen=True)
 class Enrollment:
     """What 'silo init' produced: the request file and both fingerprints."""
@@ -146,7 +135,7 @@ def write_enrollment_request(home: SiloHome) -> Enrollment:
     }
     path = Path(home.root) / REQUEST_FILE
     write_atomic(path, (json.dumps(request, indent=2) + "\n").encode(), mode=0o644)
-    return Enrollment(path, identity.fingerprint(), node_key_fingerprint(line))
+    return Enrollment(path, identity.fingerprint(), ssh_key_fingerprint(line))
 
 
 # --------------------------------------------------------------------- join bundle
@@ -161,12 +150,6 @@ class JoinBundle:
     roster_json: str
     member: str
     members: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-def _cert_fingerprint(pem: str) -> str:
-    cert = x509.load_pem_x509_certificate(pem.encode())
-    digest = cert.fingerprint(hashes.SHA256()).hex()[:32]
-    return " ".join(digest[i : i + 4] for i in range(0, len(digest), 4))
 
 
 def read_bundle(path: Path) -> JoinBundle:
@@ -194,7 +177,7 @@ def read_bundle(path: Path) -> JoinBundle:
     except (KeyError, TypeError) as exc:
         raise SiloConfigError(f"{path}: join bundle lacks {exc}") from None
     try:
-        actual = _cert_fingerprint(bundle.ca_pem)
+        actual = pem_certificate_fingerprints(bundle.ca_pem)[0]
     except ValueError:
         raise SiloConfigError(f"{path}: the CA certificate in the bundle is unreadable") from None
     if actual != bundle.ca_fingerprint:

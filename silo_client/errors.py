@@ -4,8 +4,10 @@ Every error a hospital operator can trigger with bad input is a :class:`SiloErro
 message is one line: what went wrong, where, and how to fix it.
 """
 
+from fedsilo_base.errors import UserError
 
-class SiloError(Exception):
+
+class SiloError(UserError):
     """Base class of all silo-client errors meant to be shown to an operator (no traceback)."""
 
 

@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsilo_base.atomic_files import write_atomic
+from fedsilo_base.home_folder import SILO_HOME
 from silo_client.errors import SiloConfigError
 
 CONFIG_FILE = "silo.json"
-HOME_ENV = "FEDSILO_HOME"
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -85,10 +69,7 @@ class SiloHome:
         root = Path(root).expanduser()
         config = root / CONFIG_FILE
         if not config.is_file():
-            raise SiloConfigError(
-                f"{root} is not a silo home (no {CONFIG_FILE}); create it with "
-                f"'silo init --home {root} --name HOSPITAL --dataset DIR'"
-            )
+            raise SiloConfigError(SILO_HOME.missing_message(root, CONFIG_FILE))
         try:
             payload = json.loads(config.read_text())
             name = str(payload["name"])
@@ -102,17 +83,29 @@ class SiloHome:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiloHome:
         """Open the home named by the SuperNode's node-config key ``home``."""
-        home = node_config.get("home") or os.environ.get(HOME_ENV)
+        home = node_config.get("home") or os.environ.get(SILO_HOME.envvar)
         if not home:
             raise SiloConfigError(
                 "the SuperNode was started without a silo home: pass "
-                "--node-config 'home=\"/path/to/silo-home\"' (or set FEDSILO_HOME)"
+                f"--node-config 'home=\"/path/to/silo-home\"' (or set {SILO_HOME.envvar})"
             )
         return cls.open(str(home))
 
 
 def init_silo_home(root: Path | str, name: str, dataset: Path | str | None = None) -> SiloHome:
-    """Create (or update) a silo home; an existing dataset registration is kept."""
+    """Create (or update) a silo home; an existing dataset registration is kept.
+
+    The name is checked first, so a name the consortium would refuse writes nothing here.
+    """
+    from secure_agg.errors import SecureAggError
+    from secure_agg.keys import check_name
+
+    try:
+        check_name(name)
+    except SecureAggError as exc:
+        raise SiloConfigError(
+            f"{exc}; this is the name the consortium will know the hospital by (--name)"
+        ) from None
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     try:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from silo_client.home import SiloHome, write_atomic
+from fedsilo_base.atomic_files import write_atomic
+from silo_client.home import SiloHome
 from training_plan import TrainingPlan, wire
 from training_plan.errors import PlanError
 

@@ -14,6 +14,14 @@ Each message runs in a fresh ClientApp process, so the round state travels betwe
 ``<home>/secagg/<run>-<round>-<phase>.state`` (0600, written atomically, overwritten with zeros
 before deletion). Any protocol refusal is an error reply with code ``ERROR_SECURE_AGG`` and a
 one-line reason, and wipes the round's files. Only the mask stage imports torch (to train).
+
+Beyond the protocol, the silo enforces (``governance.participation``, every refusal audited and
+answered with ``ERROR_REFUSED`` and a one-line reason the server records as a ``silos-refused``
+event): at most one survivor set per context (plan, received global model, phase) whatever the
+run id or round; at least ``policy.min_round_silos(plan)`` participants and survivors; a Shamir
+threshold of at least ``policy.min_threshold(n)`` (from the tolerated colluders). Each round has a
+deadline (``policy.secure_round_timeout_seconds`` after its last stage): past it, its files are
+shredded (``silo_client.abandoned_rounds``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from fedsilo_base.atomic_files import write_atomic
 from secure_agg import (
     ClientState,
     ConfigurationError,
@@ -52,16 +61,27 @@ from secure_agg.flower import (
     to_records,
 )
 from secure_agg.messages import validate
+from silo_client.abandoned_rounds import (
+    deadline_of,
+    ensure_reaper,
+    set_deadline,
+    stage_lock,
+    stem_of,
+    wipe_round,
+)
 from silo_client.errors import PlanRefused, SiloConfigError
-from silo_client.home import SiloHome, write_atomic
+from silo_client.governance.participation import (
+    ParticipationLedger,
+    ledger_context,
+    refuse_low_threshold,
+    refuse_small_round,
+)
+from silo_client.home import SiloHome
 from silo_client.identity import load_identity, load_roster
 from training_plan import TrainingPlan, wire
 
 log = logging.getLogger("fedsilo.silo")
 
-STALE_SECONDS = 3600.0
-"""Files of OTHER runs older than this are wiped at the next hello (same run: always)."""
-_SUFFIXES = (".state", ".global.npz", ".context.json")
 _SAFE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 
 
@@ -146,45 +166,32 @@ class RoundFiles:
 
     # ---------------------------------------------------------------- wiping
     def wipe(self) -> None:
-        """Overwrite the state with zeros and delete every file of this round."""
-        for path in (self.state, self.global_npz, self.context):
-            _shred(path)
+        """Overwrite the secrets with zeros and delete every file of this round."""
+        wipe_round(self.dir, self.stem)
+
+    def set_deadline(self, seconds: float) -> float:
+        """The round is abandoned if no stage advances it within ``seconds`` from now."""
+        self._prepare_dir()
+        return set_deadline(self.dir, self.stem, seconds)
 
     def remove_stale(self, now: float | None = None) -> list[Path]:
-        """Wipe other rounds' files: of this run always, of other runs once they are stale."""
+        """Wipe other rounds' files: of this run always (the server moved on), of other runs
+        once their deadline passed (a round whose stage is running is left alone)."""
         now = time.time() if now is None else now
-        removed = []
+        removed: list[Path] = []
         if not self.dir.is_dir():
             return removed
-        for path in self.dir.iterdir():
-            name = path.name
-            if name.startswith(self.stem + "."):
+        stems = sorted({s for n in os.listdir(self.dir) if (s := stem_of(n)) is not None})
+        for stem in stems:
+            if stem == self.stem:
                 continue
-            ours = name.endswith(_SUFFIXES) or (name.startswith(".") and name.endswith(".tmp"))
-            if not ours or not path.is_file():
+            same_run = stem.rsplit("-", 2)[0] == self.run_prefix[:-1]
+            if not same_run and deadline_of(self.dir, stem) > now:
                 continue
-            same_run = name.startswith(self.run_prefix) or name.startswith("." + self.run_prefix)
-            try:
-                old = now - path.stat().st_mtime > STALE_SECONDS
-            except FileNotFoundError:
-                continue
-            if same_run or old:
-                _shred(path)
-                removed.append(path)
+            with stage_lock(self.dir, stem, wait=False) as free:
+                if free:
+                    removed.extend(wipe_round(self.dir, stem))
         return removed
-
-
-def _shred(path: Path) -> None:
-    """Best effort: overwrite with zeros, then unlink."""
-    try:
-        size = path.stat().st_size
-        with open(path, "r+b") as handle:
-            handle.write(bytes(size))
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError:
-        pass
-    path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------ handlers
@@ -228,6 +235,7 @@ def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> 
     files = RoundFiles(home, run_id, round_, phase)
     for path in files.remove_stale():
         log.info("wiped stale secure-aggregation file %s", path.name)
+    files.set_deadline(_timeout(home))  # before any secret is stored: never a round without one
     try:
         config = msg.content[wire.CONFIG]
         record = msg.content[wire.ARRAYS]
@@ -270,8 +278,15 @@ def _hello(home: SiloHome, msg: Message, phase: str, header: dict[str, Any]) -> 
             "context_hash": ctx.hex(),
             "phase": phase,
             "split": split,
+            # what the participation ledger keys on: no run id, no round number
+            "ledger_phase": bound_phase,
+            "ledger_context": ledger_context(claimed, bound_phase, keys, arrays),
         },
     )
+    try:
+        ensure_reaper(home.root)
+    except OSError as exc:  # the sweep at the next message of any run still wipes the round
+        log.warning("could not start the abandoned-round reaper: %s", exc)
     identity = client.identity.public_bytes
     log.info("secure %s round %d: received the global model (%d arrays)", phase, round_, len(keys))
     return _reply(
@@ -318,6 +333,8 @@ def _stage(
     context = files.load_context()
     if context.get("phase") != phase:
         raise ReplayDetected(f"round {files.stem} is not a {phase} round")
+    if "ledger_context" not in context:
+        raise ReplayDetected(f"round {files.stem} was started by an older fedsilo; start anew")
     plan = _plan(home, context["plan_json"], context["plan_hash"], run_id, f"{phase}.sa_{stage}")
     client = _client(home, plan)
     if stage == "advertise":
@@ -325,6 +342,7 @@ def _stage(
         cfg = RoundConfig.from_request(msg_)
         length = _flat_length(files, context) if phase == "train" else 0
         _check_round_config(cfg, plan, phase, length)
+        _check_participants(home, plan, context, msg_, run_id, round_)
         state, reply = client.advertise(msg_, bytes.fromhex(context["context_hash"]))
         files.save_state(state)
         return _reply(msg, reply)
@@ -336,10 +354,21 @@ def _stage(
             vector, weight, counters = _local_vector(home, plan, files, context, phase, round_)
             reply = client.mask(state, request, vector, weight, counters)
         elif stage == "consistency":
+            _check_survivors(home, plan, context, request, run_id, round_, stage)
             reply = client.consistency(state, request)
         elif stage == "unmask":
-            reply = client.unmask(state, request)
+            reply = client.unmask(state, request)  # checks everything, wipes the state
             files.wipe()
+            # the commit point: recorded (or refused) before any share leaves this process
+            _check_survivors(home, plan, context, request, run_id, round_, stage)
+            ParticipationLedger(home.root).claim(
+                str(context["ledger_context"]),
+                list(request["survivors"]),
+                plan_hash=str(context["plan_hash"]),
+                phase=str(context["ledger_phase"]),
+                run_id=run_id,
+                round_=round_,
+            )
             log.info("secure %s round %d: shares revealed, round state wiped", phase, round_)
             return _reply(msg, reply)
         else:  # pragma: no cover - registration bug
@@ -349,6 +378,88 @@ def _stage(
         raise
     files.save_state(state)
     return _reply(msg, reply)
+
+
+def _timeout(home: SiloHome) -> float:
+    from silo_client.governance.policy import load_policy
+
+    return float(load_policy(home.root).secure_round_timeout_seconds)
+
+
+def _check_participants(
+    home: SiloHome,
+    plan: TrainingPlan,
+    context: dict[str, Any],
+    request: dict[str, Any],
+    run_id: str,
+    round_: int,
+) -> None:
+    """ADVERTISE: enough participants, a threshold the site accepts, and a participant list
+    that can still reach the survivor set on record for this context (else refuse now, before
+    any training)."""
+    from silo_client.governance.policy import load_policy
+
+    policy = load_policy(home.root)
+    participants = [str(p) for p in request["participants"]]
+    n = len(participants)
+    digest = str(context["plan_hash"])
+    refuse_small_round(
+        home.root,
+        what="participants",
+        count=n,
+        minimum=policy.min_round_silos(plan),
+        plan_hash=digest,
+        run_id=run_id,
+        round_=round_,
+        stage="advertise",
+    )
+    refuse_low_threshold(
+        home.root,
+        threshold=int(request["threshold"]),
+        n=n,
+        minimum=policy.min_threshold(n),
+        colluders=policy.tolerated_colluders,
+        plan_hash=digest,
+        run_id=run_id,
+        round_=round_,
+    )
+    ParticipationLedger(home.root).check_participants(
+        str(context["ledger_context"]),
+        participants,
+        run_id=run_id,
+        round_=round_,
+        stage="advertise",
+    )
+
+
+def _check_survivors(
+    home: SiloHome,
+    plan: TrainingPlan,
+    context: dict[str, Any],
+    request: dict[str, Any],
+    run_id: str,
+    round_: int,
+    stage: str,
+) -> None:
+    """CONSISTENCY / UNMASK: the survivor set is large enough and the one on record (if any)."""
+    from silo_client.governance.policy import load_policy
+
+    survivors = request.get("survivors")
+    if not isinstance(survivors, list) or not all(isinstance(x, str) for x in survivors):
+        raise MalformedMessage("survivors must be a list of silo names")
+    refuse_small_round(
+        home.root,
+        what="survivors",
+        count=len(set(survivors)),
+        minimum=load_policy(home.root).min_round_silos(plan),
+        plan_hash=str(context["plan_hash"]),
+        run_id=run_id,
+        round_=round_,
+        stage=stage,
+    )
+    ParticipationLedger(home.root).check_survivors(
+        str(context["ledger_context"]), survivors, run_id=run_id, round_=round_, stage=stage
+    )
 
 
 def _local_vector(
@@ -417,11 +528,15 @@ def handle(msg: Message, context: Context, phase: str, stage: str) -> Message:
     files: RoundFiles | None = None
     try:
         request = from_content(msg.content)
-        if stage == HELLO:
-            return _hello(home, msg, phase, request)
         run_id, round_ = check_header(request, stage)
         files = RoundFiles(home, run_id, round_, phase)
-        return _stage(home, msg, phase, stage, request, files)
+        with stage_lock(files.dir, files.stem):  # the reaper never shreds a running stage
+            if stage == HELLO:
+                return _hello(home, msg, phase, request)
+            reply = _stage(home, msg, phase, stage, request, files)
+            if stage != "unmask":
+                files.set_deadline(_timeout(home))
+            return reply
     except SecureAggError as exc:
         log.warning("secure %s %s refused: %s", phase, stage, exc)
         _wipe_after_failure(home, files, msg)

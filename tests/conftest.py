@@ -26,6 +26,21 @@ def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def _stop_round_reapers() -> Iterator[None]:
+    """Stop the abandoned-round reapers the in-process ClientApps of a test started (by pid;
+    they end by themselves once no round files are left, but a test's abandoned rounds keep
+    them up to the site's deadline)."""
+    yield
+    from silo_client.abandoned_rounds import SPAWNED
+
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny synthetic hospitals (real DICOM) shared by the session; do not modify."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fedsilo_base.errors import UserError
 
-class PlanError(Exception):
+
+class PlanError(UserError):
     """Base class of every training-plan error; the message is one line for a person."""
 
 

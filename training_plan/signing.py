@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedsilo_base.atomic_files import PRIVATE, PUBLIC, write_atomic
 from training_plan.errors import PlanError
 from training_plan.hashing import plan_hash
 from training_plan.schema import TrainingPlan
@@ -110,21 +109,6 @@ def fingerprint(public_key: str) -> str:
     return hashlib.sha256(base64.b64decode(public_key)).hexdigest()[:16]
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate_keypair(stem: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``stem.key`` (PEM, 0600) and ``stem.pub`` (base64); returns both paths."""
     stem = Path(stem)
@@ -140,8 +124,8 @@ def generate_keypair(stem: Path, *, overwrite: bool = False) -> tuple[Path, Path
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(key_path, pem, 0o600)
-    _write_private(pub_path, (public_key_text(key.public_key()) + "\n").encode(), 0o644)
+    write_atomic(key_path, pem, mode=PRIVATE)
+    write_atomic(pub_path, (public_key_text(key.public_key()) + "\n").encode(), mode=PUBLIC)
     return key_path, pub_path
 
 
@@ -212,7 +196,7 @@ def signature_path(plan_path: Path) -> Path:
 def write_signature(plan_path: Path, sig: PlanSignature) -> Path:
     """Write ``<plan>.sig`` atomically; returns its path."""
     path = signature_path(plan_path)
-    _write_private(path, (sig.to_json() + "\n").encode(), 0o644)
+    write_atomic(path, (sig.to_json() + "\n").encode(), mode=PUBLIC)
     return path
 
 

@@ -9,21 +9,20 @@ A cache entry is keyed by (dataset version, preprocessing hash):
   :meth:`silo_client.data.dicom_dataset.Preprocessing.fingerprint`).
 
 An entry is one ``.pt`` file (``torch.save`` of a dict of tensors and plain lists), written
-atomically (temporary file in the same folder, then ``os.replace``). A corrupt or foreign
+atomically (:func:`fedsilo_base.atomic_files.atomic_file`, mode 0600). A corrupt or foreign
 entry is ignored with a :class:`CacheWarning` and rebuilt; the cache never makes a build fail.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedsilo_base.atomic_files import PRIVATE, atomic_file
 
 __all__ = [
     "CACHE_FORMAT",
@@ -103,16 +102,9 @@ def load_entry(path: Path, required: dict[str, type]) -> dict[str, Any] | None:
 def save_entry(path: Path, payload: dict[str, Any]) -> bool:
     """Write ``payload`` atomically to ``path``; returns False (with a warning) on failure."""
     path = Path(path)
-    tmp_name: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_file(path, mode=PRIVATE) as fh:
             torch.save({**payload, "format": CACHE_FORMAT}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
         return True
     except OSError as exc:
         warnings.warn(
@@ -122,7 +114,3 @@ def save_entry(path: Path, payload: dict[str, Any]) -> bool:
             stacklevel=3,
         )
         return False
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)

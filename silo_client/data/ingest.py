@@ -526,7 +526,7 @@ def _record(entry: WalkEntry, sops: dict[str, str]) -> FileRecord:
 
 
 def _write_marker(folder: Path, catalogue: Catalogue, name: str) -> None:
-    from silo_client.home import write_atomic
+    from fedsilo_base.atomic_files import write_atomic
 
     payload = {"kind": "fedsilo-catalogued-dataset", "name": name,
                "catalogue": str(catalogue.path.resolve())}  # fmt: skip

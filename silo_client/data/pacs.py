@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +32,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydicom.datadict import tag_for_keyword
 
+from fedsilo_base.atomic_files import PRIVATE, write_atomic
 from silo_client.data.catalogue import Catalogue
 from silo_client.data.ingest import PullResult
 from silo_client.errors import DataError
@@ -106,16 +106,8 @@ def instance_filename(sop_uid: str) -> str:
 
 
 def _write_atomic(dest: Path, name: str, data: bytes) -> None:
-    partial = dest.parent / ".partial"
-    partial.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=partial, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, dest / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # half-received instances wait in .partial/, outside the folder the ingest scans
+    write_atomic(dest / name, data, mode=PRIVATE, staging_dir=dest.parent / ".partial")
 
 
 def _missing(dest: Path, sops: Iterable[str]) -> list[str]:

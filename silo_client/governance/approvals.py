@@ -101,7 +101,7 @@ class ApprovalStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             records = self._read()
             yield records
-            from silo_client.home import write_atomic
+            from fedsilo_base.atomic_files import write_atomic
 
             payload = {"version": 1, "approvals": {k: asdict(v) for k, v in records.items()}}
             write_atomic(self.path, json.dumps(payload, indent=2).encode(), mode=0o600)

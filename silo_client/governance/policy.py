@@ -13,6 +13,9 @@ Example::
     min_local_examples: 20          # refuse to train on fewer examples in a round
     secure_aggregation_required: true
     min_secure_threshold: 3         # Shamir threshold the plan must reach at least
+    tolerated_colluders: 1          # silos that may collude with the server: sets the threshold
+    min_contributors: 3             # fewest silos in any sum this silo contributes to
+    secure_round_timeout_seconds: 3900   # a round idle this long is abandoned: secrets shredded
     allow_score_histograms: true    # plans may ask for AUC (pooled per-class score histograms)
     privacy_required: false         # refuse plans without patient-level DP (a privacy section)
     privacy_max_epsilon: null       # per dataset, over all runs (silo privacy show); null: none
@@ -74,6 +77,30 @@ class SitePolicy(BaseModel):
     min_local_examples: int = Field(10, ge=0)
     secure_aggregation_required: bool = True
     min_secure_threshold: int = Field(3, ge=3)
+    tolerated_colluders: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description=(
+            "how many silos of a round may collude with the server without learning another "
+            "silo's update; the minimum threshold of a round of n silos is floor((n+k)/2)+1 "
+            "(docs/secure_agg.md, threat model)"
+        ),
+    )
+    min_contributors: int = Field(
+        3,
+        ge=3,
+        description="fewest silos in a sum this silo contributes to (whatever the plan says)",
+    )
+    secure_round_timeout_seconds: float = Field(
+        3900.0,
+        gt=0,
+        le=86_400,
+        description=(
+            "a secure round that has not advanced for this long is abandoned and its keys and "
+            "shares are shredded (keep it above the server's longest stage wait, 3600 s)"
+        ),
+    )
     allow_score_histograms: bool = Field(
         True,
         description=(
@@ -112,6 +139,28 @@ class SitePolicy(BaseModel):
             if entry.public_key == public_key:
                 return entry.name
         return None
+
+    def min_threshold(self, n: int) -> int:
+        """The lowest Shamir threshold this site accepts for a round of ``n`` participants.
+
+        With ``k`` tolerated colluders: t >= floor((n + k) / 2) + 1, so 2t - n > k (one round:
+        c colluders recover both secrets of a silo when c >= 2t - n) and, with the
+        participation ledger, t(n) + t(n - 1) - n > k (two runs on one context, the second
+        without the target); never below ``min_secure_threshold`` nor the protocol's default.
+        """
+        from secure_agg.protocol import default_threshold
+
+        return max(
+            self.min_secure_threshold,
+            (n + self.tolerated_colluders) // 2 + 1,
+            default_threshold(max(n, 3)),
+        )
+
+    def min_round_silos(self, plan: TrainingPlan) -> int:
+        """Fewest silos in a sum this site contributes to under ``plan``: the plan's
+        ``min_silos``, this site's ``min_contributors`` and k + 2 (two honest silos besides k
+        colluders, else the sum minus the colluders' inputs is one silo's update)."""
+        return max(plan.federation.min_silos, self.min_contributors, self.tolerated_colluders + 2)
 
     def violations(self, plan: TrainingPlan, signer: str | None) -> list[str]:
         """Every way the plan breaks this policy, as short reasons (no paths, no counts of ours).
@@ -237,8 +286,8 @@ def save_policy(root: Path, policy: SitePolicy, *, actor: str) -> None:
     """Write the policy atomically and record the change (old and new hash) in the audit log."""
     import hashlib
 
+    from fedsilo_base.atomic_files import write_atomic
     from silo_client.governance.audit import audit
-    from silo_client.home import write_atomic
 
     path = policy_path(root)
     old = path.read_bytes() if path.exists() else b""

@@ -22,13 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from aggregator import ca_rotation
-from aggregator.consortium import (
-    ConsortiumError,
-    ConsortiumHome,
-    EnrollmentRequest,
-    check_server_certificate,
-    init_consortium,
-)
+from aggregator.consortium_home import ConsortiumError, ConsortiumHome, init_consortium
+from aggregator.doctor_checks import check_server_certificate
+from aggregator.enrollment_request import EnrollmentRequest
+from aggregator.membership import enroll
 
 BIN = Path(sys.executable).parent
 
@@ -52,7 +49,7 @@ def _member(name: str) -> EnrollmentRequest:
 def home(tmp_path: Path) -> ConsortiumHome:
     created = init_consortium(tmp_path / "c", "net", "127.0.0.1:9093")
     for name in ("hospital-a", "hospital-b"):
-        created.enroll(_member(name))
+        enroll(created, _member(name))
     return created
 
 

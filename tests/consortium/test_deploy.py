@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.required_tools import tool_missing
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CHART = DEPLOY / "helm" / "fedsilo-consortium"
 
@@ -160,11 +162,11 @@ def _validate_k8s(docs: list[dict]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.skipif(
-    not shutil.which("node") or not K8S_MODELS.is_dir(),
-    reason="node or the kubernetes-models schemas missing (.ci/run: npm ci --prefix .ci/node)",
-)
 def test_chart_objects_match_the_kubernetes_schemas() -> None:
+    if not shutil.which("node") or not K8S_MODELS.is_dir():
+        tool_missing(
+            "node or the kubernetes-models schemas missing (.ci/run: npm ci --prefix .ci/node)"
+        )
     docs = _chart_objects()
     done = _validate_k8s(docs)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -177,9 +179,11 @@ def test_chart_objects_match_the_kubernetes_schemas() -> None:
     assert done.returncode == 1 and "INVALID apps/v1 Deployment" in done.stdout
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_systemd_units_verify(tmp_path: Path) -> None:
     import sys
+
+    if not shutil.which("systemd-analyze"):
+        tool_missing("systemd-analyze not installed (apt-get install systemd; .ci/run does)")
 
     venv_bin = Path(sys.executable).parent
     for unit in (DEPLOY / "systemd").iterdir():

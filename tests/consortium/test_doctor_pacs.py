@@ -17,6 +17,7 @@ import pytest
 from silo_client.data.pacs import PacsAuth
 from silo_client.pacs_check import dicomweb_ping, dimse_echo, pacs_sources
 from tests.pacs.conftest import PASSWORD, USER, Orthanc, free_port, orthanc_missing, running_orthanc
+from tests.required_tools import tool_missing
 
 BIN = Path(sys.executable).parent
 
@@ -25,7 +26,7 @@ BIN = Path(sys.executable).parent
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     """A real Orthanc for this module (the same launcher as tests/pacs)."""
     if orthanc_missing():
-        pytest.skip("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
+        tool_missing("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
     with running_orthanc(tmp_path_factory.mktemp("orthanc-doctor")) as server:
         yield server
 

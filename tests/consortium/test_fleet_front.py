@@ -97,7 +97,7 @@ def test_front_answers_without_the_superlink(tmp_path: Path) -> None:
 
 
 def test_control_port_must_differ_from_the_fleet_port(tmp_path: Path) -> None:
-    from aggregator.consortium import ConsortiumError, init_consortium
+    from aggregator.consortium_home import ConsortiumError, init_consortium
 
     with pytest.raises(ConsortiumError, match="must differ from the Fleet port 9093"):
         init_consortium(tmp_path / "c", "net", "127.0.0.1:9093", control_port=9093)

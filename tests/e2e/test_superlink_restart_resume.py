@@ -16,7 +16,7 @@ from aggregator.artifacts import read_events
 from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
 from fedsilo.flower_processes import FlowerCluster
-from silo_client.processes import superexec_helpers
+from fedsilo_base.process_tree import superexec_helpers
 from tests.e2e.test_secure_dropout import _prepare_silos, _wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

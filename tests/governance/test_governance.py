@@ -394,7 +394,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
         (("silo", "policy", "check", "--file", "bad.yaml"), "max_round: unknown key"),
         (("fedsilo", "plan", "submit", "p.yaml", "--consortium", "c"), "only signed plans"),
         (("fedsilo", "plan", "sign", "p.yaml", "--key", "nope.key"), "key file not found"),
-        (("aggregator", "plans", "--home", "c"), None),
+        (("aggregator", "plans", "--home", "c"), "c is not a consortium home"),
     ]
     for args, expected in cases:
         done = _cli(*args, cwd=tmp_path)

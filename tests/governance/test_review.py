@@ -29,3 +29,23 @@ def test_review_of_counts_only_metrics_reveals_no_histogram() -> None:
 def test_review_of_plain_plan_says_updates_leave_in_the_clear() -> None:
     plan = parse_plan(BASE + "secure_aggregation: {enabled: false}\n")
     assert "IN THE CLEAR" in review_text(plan, None, [])
+
+
+def test_review_states_the_collusion_bound_and_the_sites_threshold() -> None:
+    from silo_client.governance.policy import SitePolicy
+
+    plan = parse_plan(BASE.replace("min_silos: 3", "min_silos: 4"))
+    line = next(
+        x for x in review_text(plan, None, [], SitePolicy()).splitlines() if x.startswith("Coll")
+    )
+    assert "n=4 silos with threshold t=3" in line and "2t-n=2 colluding" in line
+    assert "tolerates 1, so it requires t >= 3 at n=4" in line and "TOO LOW" not in line
+    strict = review_text(plan, None, [], SitePolicy(tolerated_colluders=2))
+    assert "tolerates 2, so it requires t >= 4 at n=4" in strict
+    assert "THIS PLAN'S THRESHOLD IS TOO LOW" in strict
+    fixed = parse_plan(
+        BASE.replace("min_silos: 3", "min_silos: 4") + "secure_aggregation: {threshold: 4}\n"
+    )
+    assert "TOO LOW" not in review_text(fixed, None, [], SitePolicy(tolerated_colluders=2))
+    plain = parse_plan(BASE + "secure_aggregation: {enabled: false}\n")
+    assert "Collusion" not in review_text(plain, None, [])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.required_tools import tool_missing
+
 USER, PASSWORD = "silo-reader", "pacs-test-password"
 AET = "ORTHANC"
 OUR_AET = "FEDSILO"
@@ -157,7 +159,7 @@ def running_orthanc(folder: Path, ports: tuple[int, int] | None = None) -> Itera
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     """Orthanc for the session; stopped (SIGTERM, then SIGKILL) by PID afterwards."""
     if orthanc_missing():
-        pytest.skip(
+        tool_missing(
             "Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)"
         )
     with running_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:

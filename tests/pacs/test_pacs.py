@@ -17,6 +17,7 @@ from silo_client.cli import app, main
 from silo_client.data.dicom_dataset import Preprocessing, build_dataset
 from silo_client.home import SiloHome, init_silo_home
 from tests.pacs.conftest import AET, OUR_AET, PASSWORD, USER, Orthanc, free_port
+from tests.required_tools import tool_missing
 
 runner = CliRunner()
 
@@ -118,7 +119,7 @@ def big_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc
     from tests.pacs.conftest import orthanc_missing, running_orthanc
 
     if orthanc_missing():
-        pytest.skip("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
+        tool_missing("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
     root = tmp_path_factory.mktemp("big-pacs")
     generate_hospitals(root, hospitals=1, images_per_hospital=200, seed=5, image_size=16)
     files = sorted((root / "hospital-0" / "dicom").iterdir())
@@ -197,7 +198,7 @@ def test_dicomweb_instance_gone_before_retrieval_is_named(tmp_path: Path, monkey
     from tests.pacs.conftest import orthanc_missing, running_orthanc
 
     if orthanc_missing():
-        pytest.skip("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
+        tool_missing("Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb)")
     generate_hospitals(tmp_path / "data", hospitals=1, images_per_hospital=4, seed=2,
                        image_size=16)  # fmt: skip
     (tmp_path / "orthanc").mkdir()

@@ -21,6 +21,7 @@ from aggregator.report import write_report
 from silo_client.client_app import app as client_app
 from tests.conftest import TINY_PLAN
 from tests.harness import InProcessGrid
+from tests.required_tools import tool_missing
 from training_plan import parse_plan
 
 PLAN = TINY_PLAN.replace("rounds: 1", "rounds: 2") + "secure_aggregation: {enabled: false}\n"
@@ -102,8 +103,9 @@ def test_report_of_a_folder_without_a_run_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian 'chromium' not installed (see .ci/run)")
 def test_report_renders_in_headless_chromium(finished_run: Path, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        tool_missing("Debian 'chromium' not installed (apt-get install chromium; .ci/run does)")
     import numpy as np
     from PIL import Image
 

@@ -1,0 +1,172 @@
+"""Latency of a secure round through real Flower processes: Flower 1.42's defaults vs fedsilo's.
+
+    python bench/round_latency.py [--hospitals 3] [--rounds 2] [--out DIR]
+
+Runs the same tiny-model secure run (resnet10 at a quarter width, 32x32, 16 images per hospital,
+one local epoch, secure aggregation on) twice through a real TLS SuperLink and one SuperNode +
+silo runner per hospital on 127.0.0.1:
+
+- ``flower``: Flower 1.42's own latencies: ``Grid.send_and_receive``'s 3 s pull interval, the
+  SuperNode's 3 s idle poll, the SuperExec's 1 s task poll, a fresh interpreter per message
+  (``FlowerCluster(flower_defaults=True)``);
+- ``fedsilo``: the short pulls (secure_agg.flower.send_and_receive), the SuperNode launched with
+  a short poll (silo_client/supernode_launch.py), the runner's 0.1 s task poll and tasks forked
+  from its pre-warmed worker (silo_client/task_worker.py).
+
+Printed per mode and round: the six exchanges of the secure train phase (hello, advertise, share,
+mask, consistency, unmask; server-side wall time of each), the local training time (the slowest
+silo's ``answered train.sa_mask in X s`` from its clientapp.log: training + masking), the
+**per-exchange overhead** (mean of the five exchanges that do no training) and the **secure round
+overhead** (round time minus local training). Targets: <= 0.5 s per exchange, <= 3 s per round
+for 3 silos on 2 cores. Timings depend on load: the machine's load average is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STAGES = ("hello", "advertise", "share", "mask", "consistency", "unmask")
+PLAN = """\
+title: round latency bench
+purpose: measure how long a secure round waits on Flower rather than computes
+researcher: {{name: Bench Researcher}}
+model: {{name: resnet10, args: {{widen_factor: 0.25}}}}
+preprocessing: {{input_size: 32}}
+training: {{batch_size: 8, local_epochs: 1, seed: 3, validation_fraction: 0.0}}
+federation: {{rounds: {rounds}, min_silos: {hospitals}, evaluate_every: 0, final_evaluation: false}}
+secure_aggregation: {{max_weight: 40}}
+"""
+
+
+def _mask_seconds(home: Path) -> list[float]:
+    """Per round, how long the silo took to answer train.sa_mask (local training + masking)."""
+    log = home / "logs" / "clientapp.log"
+    if not log.exists():
+        return []
+    pattern = re.compile(r"answered train\.sa_mask in ([0-9.]+) s")
+    return [float(m.group(1)) for m in pattern.finditer(log.read_text(errors="replace"))]
+
+
+def run_mode(mode: str, work: Path, hospitals: int, rounds: int) -> list[dict]:
+    """One secure run in ``mode`` (``flower`` or ``fedsilo``); one dict of figures per round."""
+    from aggregator.artifacts import read_events
+    from aggregator.control import write_flower_app
+    from aggregator.pki import make_tls
+    from fedsilo.flower_processes import FlowerCluster
+    from fedsilo.local_consortium import approve_everywhere, pin_roster
+    from silo_client.data.synthetic import generate_hospitals
+    from silo_client.home import init_silo_home
+    from training_plan import parse_plan
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    specs = generate_hospitals(
+        work / "hospitals", hospitals=hospitals, images_per_hospital=16, image_size=32, seed=5
+    )
+    homes = [
+        init_silo_home(work / "silos" / s.name, s.name, work / "hospitals" / s.name) for s in specs
+    ]
+    pin_roster(homes)
+    text = PLAN.format(rounds=rounds, hospitals=hospitals)
+    plan = parse_plan(text)
+    (work / "plan.yaml").write_text(text)
+    approve_everywhere(homes, [plan], work)
+    tls = make_tls(work / "tls", "latency-bench", ["127.0.0.1", "localhost"])
+    out = work / "run"
+    with FlowerCluster(work, tls, flower_defaults=mode == "flower") as cluster:
+        cluster.start_superlink()
+        for home in homes:
+            cluster.start_supernode(home.name, {"home": str(home.root)})
+        app_dir = write_flower_app(
+            work / "app", {"plan-path": "", "out-dir": "", "run-id": "", "node-wait": 180}
+        )
+        cluster.submit(
+            app_dir,
+            {"plan-path": str(work / "plan.yaml"), "out-dir": str(out), "run-id": f"lat-{mode}"},
+        )
+        deadline = time.monotonic() + 900
+        while True:
+            events = read_events(out / "events.jsonl")
+            failed = [e for e in events if e["event"] in ("run-failed", "round-failed")]
+            if failed:
+                raise SystemExit(f"{mode}: the run failed: {failed[-1]}")
+            if any(e["event"] == "run-finished" for e in events):
+                break
+            cluster.check_alive()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{mode}: no result within 900 s; logs in {work / 'logs'}")
+            time.sleep(0.5)
+    training = [_mask_seconds(home.root) for home in homes]
+    rows = []
+    for event in (e for e in events if e["event"] == "round-finished"):
+        index = event["round"] - 1
+        stages = {s: float(event["timings"].get(f"train.{s}", float("nan"))) for s in STAGES}
+        local = max(t[index] for t in training if len(t) > index)
+        others = [stages[s] for s in STAGES if s != "mask"]
+        rows.append(
+            {
+                "mode": mode,
+                "round": event["round"],
+                "round_seconds": float(event["seconds"]),
+                "local_training_seconds": local,
+                "stages": stages,
+                "per_exchange_overhead": sum(others) / len(others),
+                "round_overhead": float(event["seconds"]) - local,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both modes and print the side-by-side figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hospitals", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", default="flower,fedsilo", help="comma-separated, in order")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/fedsilo-round-latency"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    load_before = os.getloadavg()
+    rows = []
+    for mode in args.modes.split(","):
+        started = time.monotonic()
+        rows += run_mode(mode, args.out / mode, args.hospitals, args.rounds)
+        print(f"{mode}: whole run (start-up included) {time.monotonic() - started:.1f} s")
+    load_after = os.getloadavg()
+    header = f"{'mode':8} {'round':>5} " + " ".join(f"{s[:7]:>7}" for s in STAGES)
+    header += f" {'train':>6} {'round':>6} {'per-exch':>8} {'overhead':>8}"
+    print(header)
+    for row in rows:
+        print(
+            f"{row['mode']:8} {row['round']:>5} "
+            + " ".join(f"{row['stages'][s]:7.2f}" for s in STAGES)
+            + f" {row['local_training_seconds']:6.2f} {row['round_seconds']:6.2f}"
+            + f" {row['per_exchange_overhead']:8.2f} {row['round_overhead']:8.2f}"
+        )
+    print(
+        "per-exch: mean wall time of the 5 exchanges without training; overhead: round time "
+        "minus the slowest silo's local training. Targets: per-exch <= 0.5 s, overhead <= 3 s."
+    )
+    print(
+        f"load average (1/5/15 min) before {load_before[0]:.1f}/{load_before[1]:.1f}/"
+        f"{load_before[2]:.1f}, after {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f}"
+        f" on {os.cpu_count()} cores"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "round_latency.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""Short polling on both sides of an exchange: the ServerApp's push/pull loop
+(secure_agg.flower.send_and_receive) and the SuperNode's capped idle sleep
+(silo_client/supernode_launch.py, written for Flower 1.42)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from secure_agg.flower import PULL_INTERVAL_ENV, pull_intervals, send_and_receive
+from silo_client import supernode_launch
+from tests.harness import InProcessGrid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SlowGrid(InProcessGrid):
+    """Replies become pullable only after a number of pulls; some nodes never answer."""
+
+    def __init__(self, apps, ready_after: dict[int, int], rejected: set[int] = frozenset()):
+        super().__init__(apps)
+        self.ready_after = ready_after
+        self.rejected = rejected
+        self.pulls = 0
+        self.asked: list[set[str]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        return [
+            None if m.metadata.dst_node_id in self.rejected else i
+            for m, i in zip(messages, ids, strict=True)
+        ]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        wanted = set(message_ids)
+        self.asked.append(wanted)
+        ready = [
+            i
+            for i in wanted
+            if i in self._inbox
+            and self.pulls > self.ready_after.get(self._inbox[i].metadata.src_node_id, 0)
+        ]
+        return super().pull_messages(ready)
+
+
+def _echo(message: Message, context) -> Message:
+    return Message(RecordDict({"echo": ConfigRecord({"ok": 1})}), reply_to=message)
+
+
+def _grid(nodes: list[int], **kwargs) -> SlowGrid:
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+    app.query()(_echo)
+    return SlowGrid({node: (app, {}) for node in nodes}, **kwargs)
+
+
+def _messages(grid: SlowGrid, nodes: list[int]) -> list[Message]:
+    return [
+        Message(RecordDict({"x": ConfigRecord({"n": n})}), dst_node_id=n, message_type="query")
+        for n in nodes
+    ]
+
+
+def test_all_replies_arrive_and_only_missing_ones_are_pulled_again() -> None:
+    grid = _grid([1, 2, 3], ready_after={1: 0, 2: 3, 3: 6})
+    replies = send_and_receive(grid, _messages(grid, [1, 2, 3]), timeout=60, own_loop=True)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]
+    assert grid.pulls == 7  # stops at the pull that brought the last reply
+    assert [len(ids) for ids in grid.asked] == [3, 2, 2, 2, 1, 1, 1]
+
+
+def test_a_silent_node_ends_at_the_deadline_with_the_replies_that_came() -> None:
+    grid = _grid([1, 2], ready_after={2: 10**9})
+    started = time.monotonic()
+    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=0.5, own_loop=True)
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    assert time.monotonic() - started < 30  # returned (bounded), no timing claim
+
+
+def test_a_message_the_superlink_refused_is_not_waited_for() -> None:
+    # Flower 1.42's send_and_receive keeps None among the ids and waits the whole timeout.
+    grid = _grid([1, 2], ready_after={}, rejected={2})
+    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=None, own_loop=True)
+    assert [r.metadata.src_node_id for r in replies] == [1]
+
+
+class UploadingGrid(SlowGrid):
+    """Like Flower 1.42's HttpGrid while a silo's upload runs: the first pulls of node 2's reply
+    give Flower's own MESSAGE_UNAVAILABLE error (sent from the server's node, not confirmed)."""
+
+    def __init__(self, apps, unavailable_pulls: int):
+        super().__init__(apps, ready_after={})
+        self.unavailable_pulls = unavailable_pulls
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        ids = set(message_ids)
+        pending = [i for i in ids if i in self._inbox and self._inbox[i].metadata.src_node_id == 2]
+        if pending and self.unavailable_pulls > 0:
+            self.unavailable_pulls -= 1
+            ids -= set(pending)
+            error = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="uploading"),
+                            reply_to=self._inbox[pending[0]])  # fmt: skip
+            error.metadata.__dict__["_reply_to_message_id"] = pending[0]
+            return [*super().pull_messages(ids), error]
+        return super().pull_messages(ids)
+
+
+def test_a_reply_still_uploading_is_pulled_again_not_lost() -> None:
+    grid = _grid([1, 2], ready_after={})
+    grid = UploadingGrid(grid.apps, unavailable_pulls=3)
+    replies = send_and_receive(grid, _messages(grid, [1, 2]), timeout=60, own_loop=True)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    assert not any(r.has_error() for r in replies)
+
+
+def test_only_flowers_deployment_grid_gets_the_short_loop() -> None:
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from secure_agg.flower import pulls_every_three_seconds
+
+    grid = _grid([1], ready_after={})
+    assert not pulls_every_three_seconds(grid)  # in process: answered while pushed
+    assert pulls_every_three_seconds(HttpGrid.__new__(HttpGrid))
+
+
+def test_pull_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PULL_INTERVAL_ENV, raising=False)
+    first, longest = pull_intervals()
+    assert first < longest <= 0.5
+    monkeypatch.setenv(PULL_INTERVAL_ENV, "3")
+    assert pull_intervals() == (3.0, 3.0)  # Flower 1.42's fixed interval, for the bench
+    for bad in ("soon", "0", "nan", "1e9"):
+        monkeypatch.setenv(PULL_INTERVAL_ENV, bad)
+        with pytest.raises(ValueError, match=f"{PULL_INTERVAL_ENV}=.* between 0.001 and 60"):
+            pull_intervals()
+
+
+def test_supernode_sleeps_are_capped_in_flowers_loop_module_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    assert supernode_launch.shorten_supernode_poll(0.2)
+    loop.time.sleep(3)  # the idle poll of Flower 1.42's main loop
+    loop.time.sleep(0.05)
+    assert slept == [0.2, 0.05]
+    assert loop.time.monotonic is time.monotonic
+    time.sleep(3)  # everyone else's time.sleep is untouched
+    assert slept[-1] == 3
+
+
+def test_supernode_patch_is_skipped_on_another_flower(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    before = loop.time
+    assert not supernode_launch.shorten_supernode_poll(0.2, version="1.44.0")
+    assert loop.time is before
+    assert "written for flwr 1.42.x, found 1.44.0" in capsys.readouterr().err
+
+
+def test_a_bad_supernode_poll_setting_stops_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "silo_client.supernode_launch", "--help"],
+        env={"FEDSILO_SUPERNODE_POLL_INTERVAL": "often", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fedsilo: FEDSILO_SUPERNODE_POLL_INTERVAL='often' is not a number of seconds between "
+        "0.01 and 60; unset it for fedsilo's default"
+    ]
+
+
+def test_cluster_runs_fedsilos_polls_unless_asked_for_flowers(tmp_path: Path) -> None:
+    from aggregator.pki import TlsFiles
+    from fedsilo.flower_processes import FLOWER_DEFAULT_LATENCIES, FlowerCluster
+
+    tls = TlsFiles(*(tmp_path / n for n in ("ca", "cert", "key")))
+    fast = FlowerCluster(tmp_path, tls, port=1).env(tmp_path / "home")
+    assert all(fast.get(k) == os.environ.get(k) for k in FLOWER_DEFAULT_LATENCIES)
+    slow = FlowerCluster(tmp_path, tls, port=1, flower_defaults=True).env(tmp_path / "home")
+    assert {k: slow[k] for k in FLOWER_DEFAULT_LATENCIES} == FLOWER_DEFAULT_LATENCIES
