@@ -41,7 +41,7 @@ def initial_model(plan: TrainingPlan) -> tuple[dict[str, np.ndarray], list[tuple
     from training_plan.models import build_plan_model
 
     torch.manual_seed(plan.training.seed)
-    model = build_plan_model(plan.model)
+    model = build_plan_model(plan.model, plan.preprocessing.channels)
     arrays = {
         k: v.detach().numpy().astype(np.float32, copy=True)
         for k, v in model.state_dict().items()

@@ -1,9 +1,11 @@
 """Data-plane figures, each against its alternative in the same run: ingest rate from a folder
-(vs a bare pydicom read+decode loop), from a real Orthanc over DICOMweb (vs a plain
+(vs a bare pydicom read+decode loop), of colour photographs in six storages (same alternative),
+from a real Orthanc over DICOMweb (vs a plain
 dicomweb-client loop: one WADO-RS per series, decode and re-encode) and over C-GET, and the
 training speed of our loader + trainer against a bare MONAI loop over the same tensors.
 
     .venv/bin/python bench/data.py [--images 1000] [--pacs-images 400] [--repeats 3]
+        [--skip folder colour pacs training]
 
 Targets (issue 4): folder ingest >= 200 instances/s (2D 128x128), DICOMweb >= 100/s, our
 training steps/s within 10% of the bare MONAI loop (ratio >= 0.90). Issue 16: C-GET >= 50/s, and
@@ -93,6 +95,44 @@ def bench_folder(tmp: Path, hospital: Path, repeats: int) -> float:
     print(f"  re-run (nothing new): {again.unchanged} unchanged in "
           f"{time.perf_counter() - t:.2f}s")  # fmt: skip
     return statistics.median(ours_rates)
+
+
+def bench_colour_folder(tmp: Path, n: int, size: int, repeats: int) -> None:
+    """Instances/s of `silo data add` on colour photographs in every storage the synthetic
+    colour task writes (RGB, planar RGB, YBR_FULL, JPEG YBR_FULL_422, RLE, JPEG 2000 YBR_RCT),
+    against the bare pydicom read + decode (to RGB) loop over the same files."""
+    import pydicom
+
+    from silo_client.data.synthetic import generate_colour_hospitals
+
+    root = tmp / "colour-data"
+    specs = generate_colour_hospitals(root, hospitals=6, images_per_hospital=max(4, n // 6),
+                                      seed=3, image_size=size)  # fmt: skip
+    folders = [root / spec.name for spec in specs]
+    files = sorted(p for f in folders for p in (f / "dicom").iterdir())
+
+    def ours(i: int) -> float:
+        home = init_silo_home(tmp / f"home-colour{i}", "bench")
+        t = time.perf_counter()
+        ok = 0
+        for folder in folders:
+            ok += register_dataset(home, folder.name, source_kind="dicom-dir",
+                                   source=str(folder / "dicom"), files_root=folder / "dicom",
+                                   labels_csv=folder / "labels.csv").new_ok  # fmt: skip
+        assert ok == len(files), f"only {ok} of {len(files)} colour files ingested"
+        return ok / (time.perf_counter() - t)
+
+    def bare(i: int) -> float:
+        t = time.perf_counter()
+        for path in files:
+            pydicom.dcmread(path).pixel_array  # noqa: B018 (the decode is the work)
+        return len(files) / (time.perf_counter() - t)
+
+    ours_rates, bare_rates = _rates(ours, repeats), _rates(bare, repeats)
+    print(f"colour folder ingest ({len(files)} files {size}x{size}, 6 storages): ours "
+          f"{_spread(ours_rates, 'instances/s')}")  # fmt: skip
+    print(f"  alternative, bare pydicom read + decode, no catalogue: "
+          f"{_spread(bare_rates, 'instances/s')}")  # fmt: skip
 
 
 def _plain_dicomweb_pull(url: str, user: str, password: str, dest: Path) -> int:
@@ -347,7 +387,8 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=320)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["folder", "pacs", "training"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["folder", "colour", "pacs", "training"])  # fmt: skip
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average at start {load[0]:.1f} (1 min), "
@@ -357,6 +398,8 @@ def main() -> None:
         hospital = _generate(tmp / "data", args.images, args.size)
         if "folder" not in args.skip:
             bench_folder(tmp, hospital, args.repeats)
+        if "colour" not in args.skip:
+            bench_colour_folder(tmp, args.images // 2, args.size, args.repeats)
         if "pacs" not in args.skip:
             bench_pacs(tmp, hospital, args.pacs_images, args.repeats)
         if "training" not in args.skip:

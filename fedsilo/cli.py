@@ -93,7 +93,10 @@ def synth(
     task: str = typer.Option(
         "classification",
         "--task",
-        help="classification (2-D images + labels.csv) or segmentation (3-D CT series + masks).",
+        help=(
+            "classification (2-D grayscale images + labels.csv), colour (RGB skin-lesion "
+            "photographs + labels.csv) or segmentation (3-D CT series + masks)."
+        ),
     ),
     hospitals: int = typer.Option(3, "--hospitals", min=1, max=50),
     images_per_hospital: int = typer.Option(120, "--images-per-hospital", min=4, max=100_000),
@@ -121,10 +124,23 @@ def synth(
                 f"{spec['slice_spacing']} mm slices, lesion masks as {masks}"
             )
         return
+    if task == "colour":
+        from silo_client.data.synthetic import generate_colour_hospitals
+
+        colour_specs = generate_colour_hospitals(
+            out, hospitals=hospitals, images_per_hospital=images_per_hospital, seed=seed,
+            image_size=image_size,
+        )  # fmt: skip
+        for cspec in colour_specs:
+            console.print(
+                f"{out / cspec.name}: {cspec.n_images} colour photographs ({cspec.storage}), "
+                f"{cspec.positive_fraction:.0%} suspicious"
+            )
+        return
     if task != "classification":
         from silo_client.errors import DataError
 
-        raise DataError(f"--task {task!r} is not known; use classification or segmentation")
+        raise DataError(f"--task {task!r} is not known; use classification, colour or segmentation")
     from silo_client.data.synthetic import generate_hospitals
 
     specs = generate_hospitals(

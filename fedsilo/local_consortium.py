@@ -209,7 +209,7 @@ def train_alone(
     from training_plan.models import build_plan_model
 
     torch.manual_seed(plan.training.seed)
-    model = build_plan_model(plan.model)
+    model = build_plan_model(plan.model, plan.preprocessing.channels)
     scores = []
     rounds = plan.federation.rounds
     for server_round in range(1, rounds + 1):
@@ -281,7 +281,7 @@ def train_segmentation_alone(
     from training_plan.models import build_plan_model
 
     torch.manual_seed(plan.training.seed)
-    model = build_plan_model(plan.model)
+    model = build_plan_model(plan.model, plan.preprocessing.channels)
     train = local_trainer(plan)
     scores = []
     rounds = plan.federation.rounds

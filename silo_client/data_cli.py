@@ -12,7 +12,15 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from fedsilo_base.home_folder import SILO_HOME
 from silo_client.errors import DataError
@@ -39,16 +47,21 @@ def _emit(payload: Any) -> None:
 
 
 def _progress(enabled: bool) -> tuple[Progress | None, Any]:
+    """A progress bar on stderr (only where stderr is a terminal: rich draws nothing else)."""
     if not enabled:
         return None, None
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TaskProgressColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+        TextColumn("left"), TimeRemainingColumn(),
         console=Console(stderr=True), transient=True,
     )  # fmt: skip
-    task = progress.add_task("ingesting", total=None)
+    task = progress.add_task("listing files", total=None, rate="")
 
     def update(done: int, total: int) -> None:
-        progress.update(task, completed=done, total=total)
+        speed = progress.tasks[0].speed
+        rate = f"{speed:.0f} files/s" if speed else ""
+        progress.update(task, description="reading DICOM", completed=done, total=total, rate=rate)
 
     return progress, update
 
@@ -97,7 +110,7 @@ def add(
     as_json: bool = _json_option(),
 ) -> None:
     """Register a dataset, or ingest what is new in it (resumes an interrupted ingest)."""
-    from silo_client.data.ingest import managed_folder, register_dataset
+    from silo_client.data.ingest import INGEST_LOG, managed_folder, register_dataset
 
     sources = [s for s in (dicom_dir, dicomweb, dimse) if s]
     if len(sources) != 1:
@@ -151,7 +164,14 @@ def add(
         + f" in {summary.seconds:.1f}s"
     )
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
-        console.print(f"  skipped {n}: {reason}")
+        console.print(f"  skipped {n}: {reason}", markup=False)
+    if summary.warned:
+        log_path = managed_folder(silo.root, name) / INGEST_LOG
+        console.print(
+            f"  {summary.warned} new file(s) with DICOM reader warnings (kept in {log_path} and "
+            f"'silo data show {name} --files')",
+            markup=False,
+        )
     if summary.undelivered:
         console.print(
             f"[yellow]warning[/] the PACS did not deliver {len(summary.undelivered)} of the "
@@ -164,8 +184,11 @@ def add(
         if len(summary.undelivered) > 10:
             console.print(f"  ... and {len(summary.undelivered) - 10} more")
     console.print(
-        f"catalogue: {cat['ok']} usable, {cat['skipped']} skipped; labels "
-        + ", ".join(f"{k}: {v}" for k, v in cat["labels"].items())
+        f"catalogue: {cat['ok']} usable ("
+        + ", ".join(f"{k}: {v}" for k, v in cat["photometric"].items())
+        + f"), {cat['skipped']} skipped; labels "
+        + ", ".join(f"{k}: {v}" for k, v in cat["labels"].items()),
+        markup=False,
     )
 
 
@@ -214,12 +237,14 @@ def show(
     with Catalogue.of_home(silo.root) as catalogue:
         summary = catalogue.summary(name)
         skipped = catalogue.skipped(name)
+        warned = catalogue.warned(name)
         undelivered = catalogue.undelivered(name)
     if as_json:
         _emit(
             {
                 **summary,
                 "skipped_files": [{"path": p, "reason": r} for p, r in skipped],
+                "warned_files": [{"path": p, "warnings": w} for p, w in warned],
                 "undelivered_instances": [{"sop_uid": u, "reason": r} for u, r in undelivered],
             }
         )
@@ -232,9 +257,15 @@ def show(
         f"{s['frames']} frames, {s['bytes'] / 1e6:.1f} MB), {s['skipped']} skipped"
     )
     sections = (("modalities", "modalities"), ("labels", "labels"), ("sizes", "dimensions"),
-                ("transfer syntaxes", "transfer_syntaxes"))  # fmt: skip
+                ("transfer syntaxes", "transfer_syntaxes"),
+                ("photometric interpretations", "photometric"))  # fmt: skip
     for title, key in sections:
         console.print(f"  {title}: " + ", ".join(f"{k}: {v}" for k, v in s[key].items()))
+    if s["files_with_warnings"]:
+        console.print(
+            f"  {s['files_with_warnings']} file(s) with DICOM reader warnings"
+            + ("" if files else " (--files lists them)")
+        )
     for reason, n in s["skip_reasons"].items():
         console.print(f"  skipped {n}: {reason}")
     if s["unmatched_label_lines"]:
@@ -244,6 +275,8 @@ def show(
     if files:
         for path, reason in skipped:
             console.print(f"    {path}: {reason}", markup=False)
+        for path, text in warned:
+            console.print(f"    {path}: warning: {text}", markup=False)
         for sop, reason in undelivered:
             console.print(f"    (not delivered) {sop}: {reason}", markup=False)
 

@@ -99,7 +99,11 @@ def plan_preprocessing(plan: TrainingPlan) -> Preprocessing | VolumePreprocessin
         return VolumePreprocessing(**args)
     from silo_client.data.dicom_dataset import Preprocessing
 
-    return Preprocessing(**args)
+    return Preprocessing(
+        **args,
+        channels=plan.preprocessing.channels,
+        to_grayscale=plan.preprocessing.to_grayscale,
+    )
 
 
 def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = None) -> LocalData:
@@ -207,7 +211,7 @@ def build_global_model(plan: TrainingPlan, global_arrays: dict[str, np.ndarray])
     from silo_client.training import load_float_state
     from training_plan.models import build_plan_model
 
-    model = build_plan_model(plan.model)
+    model = build_plan_model(plan.model, plan.preprocessing.channels)
     if set(global_arrays) == {wire.MODEL}:
         try:
             global_arrays = wire.unpack(global_arrays[wire.MODEL], model_layout(model))

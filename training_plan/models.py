@@ -198,6 +198,7 @@ def _replace_batch_norm(module: torch.nn.Module, norm: str) -> None:
             _replace_batch_norm(child, norm)
 
 
-def build_plan_model(spec: ModelSpec) -> torch.nn.Module:
-    """Build the network a plan's `model` entry describes (name, args, norm)."""
-    return build_model(spec.name, dict(spec.args), norm=spec.norm)
+def build_plan_model(spec: ModelSpec, in_channels: int = 1) -> torch.nn.Module:
+    """Build the network a plan's `model` entry describes (name, args, norm), taking
+    ``in_channels`` input channels (the plan's ``preprocessing.channels``)."""
+    return build_model(spec.name, dict(spec.args), norm=spec.norm, in_channels=in_channels)

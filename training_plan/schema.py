@@ -153,6 +153,31 @@ class PreprocessingSpec(_Strict):
         default_factory=list,
         description="training-time augmentations, run by each silo's installed code",
     )
+    # Left out of the canonical JSON at their defaults, so plans written before colour
+    # existed keep their hash (and their approvals).
+    channels: Literal[1, 3] = Field(
+        1,
+        exclude_if=lambda v: v == 1,
+        description=(
+            "1: grayscale images (MONOCHROME1/2); 3: colour images as RGB (RGB, YBR_*, PALETTE "
+            "COLOR), the network built with in_channels=3. Images that do not fit are skipped "
+            "with the reason; a silo none of whose images fit refuses the plan"
+        ),
+    )
+    to_grayscale: bool = Field(
+        False,
+        exclude_if=lambda v: v is False,
+        description="channels 1 only: use colour images too, as their luma (ITU-R BT.601)",
+    )
+
+    @model_validator(mode="after")
+    def _grayscale_needs_one_channel(self) -> PreprocessingSpec:
+        if self.to_grayscale and self.channels != 1:
+            raise ValueError(
+                "preprocessing.to_grayscale converts colour to one channel: it needs channels 1 "
+                "(channels 3 keeps RGB)"
+            )
+        return self
 
 
 class TrainingSpec(_Strict):
@@ -347,6 +372,13 @@ class TrainingPlan(_Strict):
             raise ValueError(
                 f"preprocessing.input_size {size} must be a multiple of {multiple} for "
                 f"{self.model.name} (its downsampling): use {size - size % multiple or multiple}"
+            )
+        if self.task == "segmentation" and (
+            self.preprocessing.channels != 1 or self.preprocessing.to_grayscale
+        ):
+            raise ValueError(
+                "preprocessing.channels 3 / to_grayscale are for classification of 2-D images; "
+                "segmentation reads grayscale CT/MR volumes (leave them out)"
             )
         if self.task == "segmentation" and size > 256:
             raise ValueError(

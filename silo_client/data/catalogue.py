@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 CATALOGUE_FILE = "catalogue.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+"""Version 2 added ``file.warnings`` (what pydicom warned about the file) and reads colour
+images: a version 1 catalogue is migrated when opened (see :meth:`Catalogue._migrate`)."""
 
 #: Tags a labels file may be keyed by, and the catalogue column each one is matched against.
 KEY_TAGS: dict[str, str] = {
@@ -83,6 +85,7 @@ CREATE TABLE IF NOT EXISTS file (
     transfer_syntax TEXT, photometric TEXT, bits_stored INTEGER,
     accession_digest TEXT, patient_digest TEXT, patient_group TEXT,
     ingested REAL NOT NULL,
+    warnings TEXT,                      -- what pydicom warned about while reading it
     PRIMARY KEY (dataset, path)
 );
 CREATE INDEX IF NOT EXISTS file_sop ON file (dataset, sop_uid);
@@ -155,6 +158,7 @@ class FileRecord:
     accession_digest: str | None = None
     patient_digest: str | None = None
     patient_group: str | None = None
+    warnings: str | None = None
 
 
 _FILE_COLUMNS = [f for f in FileRecord.__dataclass_fields__]
@@ -176,11 +180,40 @@ class Catalogue:
             self.db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
             )
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             raise DataError(
                 f"data catalogue {self.path} cannot be opened ({exc}); restore it from a backup "
                 "or move it away and register the datasets again"
             ) from None
+
+    def _migrate(self) -> None:
+        """Bring a catalogue written by an older fedsilo to :data:`SCHEMA_VERSION`, in one
+        transaction.
+
+        1 -> 2: add ``file.warnings``; files skipped as colour (unsupported photometric
+        interpretation) or as undecodable are marked changed (mtime -1) so the next
+        ``silo data add`` reads them again, while ``show`` still accounts for them.
+        """
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        stored = str(row[0]) if row else SCHEMA_VERSION
+        if not stored.isdigit() or int(stored) > int(SCHEMA_VERSION):
+            raise DataError(
+                f"data catalogue {self.path} has schema version {stored}, newer than this "
+                f"fedsilo reads ({SCHEMA_VERSION}); upgrade fedsilo on this silo"
+            )
+        if stored == SCHEMA_VERSION:
+            return
+        with self.transaction() as db:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(file)").fetchall()}
+            if "warnings" not in columns:
+                db.execute("ALTER TABLE file ADD COLUMN warnings TEXT")
+            db.execute(
+                "UPDATE file SET mtime_ns = -1 WHERE status = 'skipped' AND ("
+                "reason LIKE 'unsupported PhotometricInterpretation%' "
+                "OR reason LIKE 'pixel data%cannot be decoded%')"
+            )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
     @classmethod
     def of_home(cls, home_root: Path) -> Catalogue:
@@ -349,6 +382,24 @@ class Catalogue:
         ).fetchall()
         return [(r["path"], r["reason"] or "") for r in rows]
 
+    def photometric_counts(self, name: str) -> dict[str, int]:
+        """PhotometricInterpretation -> number of the dataset's usable files."""
+        rows = self.db.execute(
+            "SELECT photometric, COUNT(*) FROM file WHERE dataset = ? AND status = 'ok' "
+            "GROUP BY photometric",
+            (name,),
+        ).fetchall()
+        return {str(r[0] or "MONOCHROME2"): int(r[1]) for r in rows}
+
+    def warned(self, name: str) -> list[tuple[str, str]]:
+        """(path, warnings) of every file pydicom warned about while it was read."""
+        rows = self.db.execute(
+            "SELECT path, warnings FROM file WHERE dataset = ? AND warnings IS NOT NULL "
+            "ORDER BY path",
+            (name,),
+        ).fetchall()
+        return [(r["path"], r["warnings"]) for r in rows]
+
     def unmatched_labels(self, name: str) -> list[int]:
         """Line numbers of labels-file rows that match no usable file."""
         record = self.require(name)
@@ -388,6 +439,7 @@ class Catalogue:
         per_modality: dict[str, int] = {}
         per_label: dict[str, int] = {}
         per_syntax: dict[str, int] = {}
+        per_photometric: dict[str, int] = {}
         dims: dict[str, int] = {}
         frames = 0
         for row in usable:
@@ -396,6 +448,8 @@ class Catalogue:
             per_label[key] = per_label.get(key, 0) + 1
             ts = row["transfer_syntax"] or "?"
             per_syntax[ts] = per_syntax.get(ts, 0) + 1
+            pi = row["photometric"] or "?"
+            per_photometric[pi] = per_photometric.get(pi, 0) + 1
             d = f"{row['rows']}x{row['columns']}"
             dims[d] = dims.get(d, 0) + 1
             frames += int(row["frames"] or 1)
@@ -428,6 +482,8 @@ class Catalogue:
             "modalities": dict(sorted(per_modality.items())),
             "labels": dict(sorted(per_label.items())),
             "transfer_syntaxes": dict(sorted(per_syntax.items())),
+            "photometric": dict(sorted(per_photometric.items())),
+            "files_with_warnings": len(self.warned(name)),
             "dimensions": dict(sorted(dims.items())),
             "skip_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
             "unmatched_label_lines": self.unmatched_labels(name),
@@ -439,6 +495,11 @@ def reason_category(reason: str) -> str:
     """Group skip reasons for a summary: drop per-file details in parentheses and UIDs."""
     if reason.startswith("non-image SOP class"):
         return reason  # names the class and what it is; the same for every such file
+    if reason.startswith("pixel data in ") and " cannot be decoded" in reason:
+        # the syntax name has parentheses of its own: "JPEG Baseline (Process 1)"
+        head, _, rest = reason.partition(" cannot be decoded")
+        missing = ": codec missing" if rest.startswith(": codec missing") else ""
+        return f"{head} cannot be decoded{missing}"
     head = reason.split(" (")[0]
     if head.startswith("duplicate of "):
         return "duplicate SOPInstanceUID"

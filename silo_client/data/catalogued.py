@@ -24,6 +24,7 @@ from silo_client.data.dicom_dataset import (
     _from_cache,
     finish_dataset,
     preprocess_pixels,
+    refuse_misfits,
 )
 from silo_client.data.ingest import MARKER_FILE, load_frames
 from silo_client.errors import DataError
@@ -86,13 +87,27 @@ def build_catalogued_dataset(
     paths: list[str] = []
     groups: list[str] = []
     skipped = [SkippedFile(p, r) for p, r in skipped_rows]
+    # Which images fit the plan's channels is known from the catalogue: decide before decoding.
+    misfits: list[SkippedFile] = []
+    fitting = []
     for row in rows:
         rel = row["path"]
         if row["label"] is None:
             skipped.append(SkippedFile(rel, f"no label in {labels_name} ({record.key_tag})"))
             continue
+        misfit = preprocessing.misfit(row["photometric"] or "MONOCHROME2")
+        if misfit:
+            misfits.append(SkippedFile(rel, misfit))
+        else:
+            fitting.append(row)
+    skipped.extend(misfits)
+    refuse_misfits(f"'{name}'", misfits, len(fitting), preprocessing)
+    for row in fitting:
+        rel = row["path"]
         try:
             frames, window, photometric = load_frames(root / rel)
+            if preprocessing.misfit(photometric):
+                raise DataError(f"{rel}: now a {photometric} image")
         except DataError as exc:
             reason = str(exc).split(": ", 1)[-1]
             skipped.append(SkippedFile(rel, f"changed since ingest: {reason}"))

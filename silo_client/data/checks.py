@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 
 from silo_client.data.catalogue import Catalogue
+from silo_client.data.dicom_read import is_colour
 from silo_client.data.volume import VolumeError, check_series_geometry, slice_header
 
 __all__ = ["DataWarning", "check_dataset", "check_series"]
@@ -36,7 +37,8 @@ class DataWarning:
 
 
 def check_dataset(catalogue: Catalogue, name: str, min_images: int = 10) -> list[DataWarning]:
-    """Warnings for dataset ``name``: label imbalance, mixed modalities, spacing spread, too
+    """Warnings for dataset ``name``: label imbalance, mixed modalities, grayscale mixed with
+    colour, spacing spread, too
     few images for the site policy (``min_images``), unlabelled images, unmatched label rows,
     many skipped files, mixed image sizes."""
     summary = catalogue.summary(name)
@@ -66,6 +68,15 @@ def check_dataset(catalogue: Catalogue, name: str, min_images: int = 10) -> list
     if len(summary["modalities"]) > 1:
         mods = ", ".join(f"{m}: {n}" for m, n in summary["modalities"].items())
         out.append(DataWarning("mixed-modalities", f"images of several modalities ({mods})"))
+    kinds = summary["photometric"]
+    colour = sum(n for p, n in kinds.items() if is_colour(p))
+    if colour and colour < sum(kinds.values()):
+        found = ", ".join(f"{p}: {n}" for p, n in kinds.items())
+        out.append(DataWarning(
+            "mixed-colour",
+            f"grayscale and colour images ({found}); a plan trains on one kind "
+            "(preprocessing.channels 1 or 3) and skips the other",
+        ))  # fmt: skip
     spacings = [float(r["spacing_row"]) for r in rows if r["spacing_row"]]
     if spacings and max(spacings) / min(spacings) > MAX_SPACING_RATIO:
         out.append(DataWarning(

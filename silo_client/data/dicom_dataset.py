@@ -8,7 +8,9 @@ Layout of a registered dataset folder::
 Pipeline per image: read with pydicom, apply the modality LUT (RescaleSlope/Intercept, a
 missing slope counts as 1 and a missing intercept as 0), window to [0, 1] (the plan's window,
 else the file's WindowCenter/Width, else the image's min/max), invert MONOCHROME1, pad to a
-square and resize to ``input_size`` with anti-aliasing (a MONAI ``Compose``).
+square and resize to ``input_size`` with anti-aliasing (a MONAI ``Compose``). Colour images
+(RGB, YBR_*, PALETTE COLOR) are decoded to RGB and scaled by their full range; the plan's
+``channels`` keeps them as RGB (3) or takes their luma (1, with ``to_grayscale``).
 
 Files that cannot be used are skipped with a precise reason (``LocalDataset.skipped``);
 nothing is dropped silently. Bad input raises :class:`~silo_client.errors.DataError` with a
@@ -36,7 +38,15 @@ from pydicom.uid import (
 )
 
 from silo_client.data import cache as _cache
-from silo_client.data.dicom_read import _looks_like_dicom, _read_dicom  # noqa: F401
+from silo_client.data.dicom_read import (  # noqa: F401
+    GRAYSCALE,
+    LibraryMessages,
+    _looks_like_dicom,
+    _read_dicom,
+    decode_pixels,
+    misfit,
+    photometric_of,
+)
 from silo_client.data.labels_csv import LabelFileWording, read_label_csv
 from silo_client.errors import DataError
 
@@ -50,15 +60,15 @@ __all__ = [
     "build_dataset",
     "load_labels",
     "preprocess_pixels",
+    "refuse_misfits",
     "scan_dicom_folder",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the preprocessing code changes its output; part of the cache key.
-PREPROCESSING_VERSION = "2"
+PREPROCESSING_VERSION = "3"
 
-_SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 _LABEL_COLUMNS = ("StudyInstanceUID", "label")
 
 
@@ -68,15 +78,21 @@ _LABEL_COLUMNS = ("StudyInstanceUID", "label")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a DICOM image becomes a ``[1, input_size, input_size]`` float32 tensor in [0, 1].
+    """How a DICOM image becomes a ``[channels, input_size, input_size]`` float32 tensor in
+    [0, 1].
 
     ``window_center``/``window_width`` are in modality-LUT units (HU for CT); both ``None``
     means: use each file's WindowCenter/WindowWidth, falling back to the image's min/max.
+    Colour images are not windowed: RGB is scaled by its full range. ``channels`` 1 takes
+    grayscale images (colour ones too when ``to_grayscale``: their luma); 3 takes colour
+    images as RGB. An image that does not fit is skipped with the reason (:meth:`misfit`).
     """
 
     input_size: int = 64
     window_center: float | None = None
     window_width: float | None = None
+    channels: int = 1
+    to_grayscale: bool = False
 
     def __post_init__(self) -> None:
         """Validate the fields (DataError with a fix hint)."""
@@ -97,6 +113,14 @@ class Preprocessing:
             raise DataError(f"preprocessing window_width must be > 0, got {self.window_width}")
         if self.window_center is not None and not math.isfinite(self.window_center):
             raise DataError(f"preprocessing window_center must be finite, got {self.window_center}")
+        if self.channels not in (1, 3):
+            raise DataError(f"preprocessing channels must be 1 or 3, got {self.channels!r}")
+        if self.to_grayscale and self.channels != 1:
+            raise DataError("preprocessing to_grayscale needs channels 1 (3 keeps RGB)")
+
+    def misfit(self, photometric: str) -> str | None:
+        """Why an image of this PhotometricInterpretation does not fit, or None when it does."""
+        return misfit(photometric, self.channels, self.to_grayscale)
 
     def fingerprint(self) -> str:
         """Stable hash of the preprocessing (fields + code version), used as a cache key."""
@@ -244,7 +268,16 @@ def _file_window(ds: DicomDataset, pixels: np.ndarray) -> tuple[float, float]:
 
 
 def _examine(path: Path, rel: str) -> tuple[_Decoded | None, str | None]:
-    """Read, validate and decode one file; exactly one of the results is None."""
+    """Read, validate and decode one file; exactly one of the results is None. What pydicom
+    warns about goes to the debug log, not the terminal."""
+    with LibraryMessages() as messages:
+        result = _examine_quietly(path, rel)
+    for message in messages.messages:
+        log.debug("%s: %s", rel, message)
+    return result
+
+
+def _examine_quietly(path: Path, rel: str) -> tuple[_Decoded | None, str | None]:
     ds, reason = _read_dicom(path)
     if ds is None:
         return None, reason
@@ -264,17 +297,9 @@ def _examine(path: Path, rel: str) -> tuple[_Decoded | None, str | None]:
         study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
         if not study_uid:
             return None, "no StudyInstanceUID (needed to match labels.csv)"
-        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-        if not photometric:
-            if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-                return None, "no PhotometricInterpretation and SamplesPerPixel != 1"
-            photometric = "MONOCHROME2"  # common omission in grayscale exports
-            ds.PhotometricInterpretation = photometric
-        if photometric not in _SUPPORTED_PHOTOMETRIC:
-            return None, (
-                f"unsupported PhotometricInterpretation '{photometric}' "
-                "(only grayscale MONOCHROME1/MONOCHROME2 is used)"
-            )
+        photometric, reason = photometric_of(ds)
+        if photometric is None:
+            return None, reason
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
             return None, f"multi-frame image ({frames} frames) is not supported"
@@ -283,17 +308,22 @@ def _examine(path: Path, rel: str) -> tuple[_Decoded | None, str | None]:
             intercept = _float_tag(ds, "RescaleIntercept", 0.0)
         except (TypeError, ValueError) as exc:
             return None, f"invalid RescaleSlope/RescaleIntercept ({_one_line(exc)})"
-        if slope == 0:
+        if slope == 0 and photometric in GRAYSCALE:
             return None, "invalid RescaleSlope 0"
-        try:
-            raw = ds.pixel_array
-        except Exception as exc:
-            return None, f"pixel data cannot be decoded ({_one_line(exc)})"
-        if raw.ndim != 2 or raw.size == 0:
+        decoded, reason = decode_pixels(ds)
+        if decoded is None:
+            return None, reason
+        raw = decoded.frames[0]
+        if raw.size == 0:
             return None, f"pixel data has shape {raw.shape}, expected a 2-D image"
-        pixels = raw.astype(np.float64) * float(slope) + float(intercept)  # type: ignore[arg-type]
-        if not np.isfinite(pixels).all():
-            return None, "pixel values are not finite after RescaleSlope/Intercept"
+        if decoded.colour:
+            pixels = raw.astype(np.float64)
+            window = (0.0, decoded.full_scale)
+        else:
+            pixels = raw.astype(np.float64) * float(slope) + float(intercept)  # type: ignore[arg-type]
+            if not np.isfinite(pixels).all():
+                return None, "pixel values are not finite after RescaleSlope/Intercept"
+            window = _file_window(ds, pixels)
         patient = str(ds.get("PatientID", "") or "").strip()
         group_src = f"patient:{patient}" if patient else f"study:{study_uid}"
         group = hashlib.sha256(f"fedsilo-group\0{group_src}".encode()).hexdigest()[:16]
@@ -306,7 +336,7 @@ def _examine(path: Path, rel: str) -> tuple[_Decoded | None, str | None]:
             columns=int(raw.shape[1]),
             photometric_interpretation=photometric,
         )
-        return _Decoded(instance, pixels, _file_window(ds, pixels), group), None
+        return _Decoded(instance, pixels, window, group), None
     except Exception as exc:  # malformed element values, odd VRs, ...
         return None, f"unreadable DICOM ({_one_line(exc)})"
 
@@ -333,9 +363,10 @@ def _iter_scan(folder: Path) -> Iterator[tuple[str, _Decoded | None, str | None]
 def scan_dicom_folder(folder: Path) -> ScanResult:
     """List the usable DICOM images under ``folder`` (recursively) and why others are skipped.
 
-    Skip reasons include: not a DICOM file, unreadable DICOM, non-image SOP class, no pixel
-    data, unsupported PhotometricInterpretation, multi-frame, undecodable pixel data,
-    duplicate SOPInstanceUID. Raises DataError if ``folder`` is not a directory.
+    Colour images are instances too. Skip reasons include: not a DICOM file, unreadable DICOM,
+    non-image SOP class, no pixel data, unsupported PhotometricInterpretation, multi-frame,
+    undecodable pixel data (naming a missing codec), duplicate SOPInstanceUID. Raises DataError
+    if ``folder`` is not a directory.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -533,7 +564,24 @@ def preprocess_pixels(
     preprocessing: Preprocessing,
     spatial: Compose | None = None,
 ) -> torch.Tensor:
-    """One ``[H, W]`` image (modality-LUT units) -> ``[1, S, S]`` float32 tensor in [0, 1]."""
+    """One image -> ``[channels, S, S]`` float32 tensor in [0, 1].
+
+    Grayscale ``[H, W]`` (modality-LUT units) is windowed; colour ``[H, W, 3]`` RGB is scaled
+    by ``file_window`` = [0, full scale] and, for a one-channel plan, turned into its luma
+    (ITU-R BT.601). DataError when the image does not fit the plan's channels.
+    """
+    reason = preprocessing.misfit(photometric)
+    if reason:
+        raise DataError(reason)
+    spatial = spatial if spatial is not None else preprocessing.spatial_transform()
+    if pixels.ndim == 3:
+        lower, upper = file_window
+        scaled = (pixels.astype(np.float32) - lower) / max(upper - lower, 1e-6)
+        img = torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+        if preprocessing.channels == 1:
+            img = torch.tensordot(_LUMA, img, dims=([0], [0]))[None]
+        img = torch.clamp(img, 0.0, 1.0)
+        return torch.as_tensor(spatial(img)).as_subclass(torch.Tensor)
     if preprocessing.window_center is not None and preprocessing.window_width is not None:
         half = preprocessing.window_width / 2.0
         lower, upper = preprocessing.window_center - half, preprocessing.window_center + half
@@ -544,8 +592,34 @@ def preprocess_pixels(
     invert = photometric == "MONOCHROME1"
     img = torch.from_numpy(pixels.astype(np.float32))[None]
     img = preprocessing.intensity_transform(lower, upper, invert)(img)
-    spatial = spatial if spatial is not None else preprocessing.spatial_transform()
     return torch.as_tensor(spatial(img)).as_subclass(torch.Tensor)
+
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32)
+"""ITU-R BT.601 luma weights: a colour image seen by a one-channel plan."""
+
+
+def refuse_misfits(
+    name: str, misfits: Sequence[SkippedFile], n_fitting: int, preprocessing: Preprocessing
+) -> None:
+    """DataError when no image of a dataset fits the plan's channels, saying why."""
+    if n_fitting or not misfits:
+        return
+    kinds: dict[str, int] = {}
+    for item in misfits:
+        kind = item.reason.split("(", 1)[1].split(")", 1)[0] if "(" in item.reason else "?"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    found = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    if preprocessing.channels == 3:
+        fix = "use a plan with preprocessing.channels: 1 for these images"
+        wants = "colour images (preprocessing.channels: 3)"
+    else:
+        fix = "use a plan with preprocessing.channels: 3, or to_grayscale: true"
+        wants = "grayscale images (preprocessing.channels: 1)"
+    raise DataError(
+        f"dataset {name} does not fit the plan: it holds {found} image(s) and the plan takes "
+        f"{wants}; {fix}"
+    )
 
 
 def finish_dataset(
@@ -642,6 +716,7 @@ def build_dataset(
     paths: list[str] = []
     groups: list[str] = []
     skipped: list[SkippedFile] = []
+    misfits: list[SkippedFile] = []
     studies_seen: set[str] = set()
     n_files = 0
     for rel, decoded, reason in _iter_scan(dicom_dir):
@@ -653,6 +728,10 @@ def build_dataset(
         studies_seen.add(uid)
         if uid not in labels:
             skipped.append(SkippedFile(rel, f"no label in labels.csv (StudyInstanceUID {uid})"))
+            continue
+        misfit = preprocessing.misfit(decoded.instance.photometric_interpretation)
+        if misfit:
+            misfits.append(SkippedFile(rel, misfit))
             continue
         images.append(
             preprocess_pixels(
@@ -669,6 +748,8 @@ def build_dataset(
         raise DataError(
             f"no DICOM files in {dicom_dir}; copy the hospital's exported DICOM files there"
         )
+    skipped.extend(misfits)
+    refuse_misfits(f"folder {folder}", misfits, len(images), preprocessing)
     n_images = len(images) + sum(1 for s in skipped if s.reason.startswith("no label in"))
     if n_images == 0:
         example = skipped[0]

@@ -38,13 +38,22 @@ from silo_client.data.catalogue import (
     label_key,
     reason_category,
 )
-from silo_client.data.dicom_read import read_dicom
+from silo_client.data.dicom_read import (
+    GRAYSCALE,
+    DecodedPixels,
+    LibraryMessages,
+    decode_pixels,
+    photometric_of,
+    read_dicom,
+)
 from silo_client.data.file_probe import truncation
 from silo_client.data.labels_csv import LabelFileWording, read_label_csv
 from silo_client.errors import DataError
 
 __all__ = [
+    "INGEST_LOG",
     "MARKER_FILE",
+    "IngestLog",
     "IngestSummary",
     "PullResult",
     "ingest_folder",
@@ -58,9 +67,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "fedsilo-dataset.json"
+INGEST_LOG = "ingest.log"
+"""Appended to in a dataset's managed folder: each ingest's skipped files and library warnings."""
 _BATCH = 256
 _COMMIT_S = 1.0  # at most this much reading is lost to an interrupt
-_SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 
 # Words in a SOP class name -> what the object is, for precise skip reasons.
 _NON_IMAGE_KINDS: tuple[tuple[str, str], ...] = (
@@ -140,8 +150,9 @@ def _non_image_reason(ds: DicomDataset) -> str | None:
     return f"non-image SOP class '{name}' ({sop_class}): {kind}, no image to train on"
 
 
-def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
-    """Validate an image object and decode its frames (``[F, H, W]`` stored values)."""
+def _examine(ds: DicomDataset) -> tuple[DecodedPixels | None, str | None]:
+    """Validate an image object and decode its frames (grayscale ``[F, H, W]`` stored values,
+    colour ``[F, H, W, 3]`` RGB)."""
     reason = _non_image_reason(ds)
     if reason:
         return None, reason
@@ -152,36 +163,14 @@ def _examine(ds: DicomDataset) -> tuple[np.ndarray | None, str | None]:
         return None, "no pixel data (tag (7FE0,0010) PixelData is absent)"
     if not str(ds.get("StudyInstanceUID", "") or "").strip():
         return None, "no StudyInstanceUID (needed to match labels and group studies)"
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if not photometric:
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            return None, "no PhotometricInterpretation and SamplesPerPixel != 1"
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        photometric = "MONOCHROME2"
-    if photometric not in _SUPPORTED_PHOTOMETRIC:
-        return None, (
-            f"unsupported PhotometricInterpretation '{photometric}' "
-            "(only grayscale MONOCHROME1/MONOCHROME2 is used)"
-        )
-    slope, _ = _rescale(ds)
-    if slope == 0:
-        return None, "invalid RescaleSlope 0"
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    try:
-        raw = ds.pixel_array
-    except Exception as exc:
-        where = f" in {UID(str(syntax)).name}" if syntax else ""
-        return None, f"pixel data{where} cannot be decoded ({_one_line(exc)})"
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1 and raw.ndim == 3:
-        stack = raw
-    elif raw.ndim == 2:
-        stack = raw[None]
-    else:
-        return None, f"pixel data has shape {raw.shape}, expected grayscale frames"
-    if stack.size == 0:
-        return None, "pixel data is empty"
-    return stack, None
+    photometric, reason = photometric_of(ds)
+    if photometric is None:
+        return None, reason
+    if photometric in GRAYSCALE:
+        slope, _ = _rescale(ds)
+        if slope == 0:
+            return None, "invalid RescaleSlope 0"
+    return decode_pixels(ds)
 
 
 def _read(path: Path) -> tuple[DicomDataset | None, str | None]:
@@ -197,14 +186,25 @@ def _truncated_or(path: Path, reason: str | None) -> str | None:
 
 
 def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
-    """Read and decode one file; an ``ok`` record with metadata, or ``skipped`` with why."""
+    """Read and decode one file; an ``ok`` record with metadata, or ``skipped`` with why.
+
+    What pydicom warns about while doing so goes into the record's ``warnings``.
+    """
+    with LibraryMessages() as messages:
+        record = _inspect(path, rel, size, mtime_ns)
+    record.warnings = messages.text()
+    return record
+
+
+def _inspect(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
     ds, reason = _read(path)
     if ds is None:
         return FileRecord(rel, size, mtime_ns, "skipped", reason)
     try:
-        stack, reason = _examine(ds)
-        if stack is None:
+        decoded, reason = _examine(ds)
+        if decoded is None:
             return FileRecord(rel, size, mtime_ns, "skipped", _truncated_or(path, reason))
+        stack = decoded.frames
         study = str(ds.StudyInstanceUID).strip()
         patient = str(ds.get("PatientID", "") or "").strip()
         accession = str(ds.get("AccessionNumber", "") or "").strip()
@@ -235,7 +235,7 @@ def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
             spacing_col=spacing_col,
             slice_thickness=thickness,
             transfer_syntax=str(syntax) if syntax else None,
-            photometric=str(ds.PhotometricInterpretation).strip().upper(),
+            photometric=decoded.photometric,
             bits_stored=int(ds.get("BitsStored", 0) or 0) or None,
             accession_digest=key_digest("AccessionNumber", accession) if accession else None,
             patient_digest=key_digest("PatientID", patient) if patient else None,
@@ -246,16 +246,24 @@ def inspect_file(path: Path, rel: str, size: int, mtime_ns: int) -> FileRecord:
 
 
 def load_frames(path: Path) -> tuple[np.ndarray, tuple[float, float], str]:
-    """Decode a catalogued image: (``[F, H, W]`` float64 after the modality LUT, file window
-    as [lower, upper], photometric interpretation). Raises DataError when it no longer can."""
-    ds, reason = _read(path)
-    if ds is None:
+    """Decode a catalogued image: (frames, window as [lower, upper], photometric).
+
+    Grayscale frames are ``[F, H, W]`` float64 after the modality LUT with the file's window
+    (else min/max); colour frames are ``[F, H, W, 3]`` RGB with the window ``[0, full scale]``.
+    Raises DataError when the file no longer decodes. pydicom's warnings are not printed (the
+    ingest recorded them).
+    """
+    with LibraryMessages():
+        ds, reason = _read(path)
+        if ds is None:
+            raise DataError(f"{path}: {reason}")
+        decoded, reason = _examine(ds)
+    if decoded is None:
         raise DataError(f"{path}: {reason}")
-    stack, reason = _examine(ds)
-    if stack is None:
-        raise DataError(f"{path}: {reason}")
+    if decoded.colour:
+        return decoded.frames.astype(np.float64), (0.0, decoded.full_scale), decoded.photometric
     slope, intercept = _rescale(ds)
-    pixels = stack.astype(np.float64) * slope + intercept
+    pixels = decoded.frames.astype(np.float64) * slope + intercept
     if not np.isfinite(pixels).all():
         raise DataError(f"{path}: pixel values are not finite after RescaleSlope/Intercept")
     center = _num(ds, "WindowCenter")
@@ -264,7 +272,7 @@ def load_frames(path: Path) -> tuple[np.ndarray, tuple[float, float], str]:
         window = (center - width / 2.0, center + width / 2.0)
     else:
         window = (float(pixels.min()), float(pixels.max()))
-    return pixels, window, str(ds.PhotometricInterpretation).strip().upper()
+    return pixels, window, decoded.photometric
 
 
 # ------------------------------------------------------------------------------------ labels
@@ -306,6 +314,7 @@ class IngestSummary:
     new_skipped: int = 0
     unchanged: int = 0
     removed: int = 0
+    warned: int = 0
     pulled: int = 0
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -327,6 +336,7 @@ class IngestSummary:
             "new_skipped": self.new_skipped,
             "unchanged": self.unchanged,
             "removed": self.removed,
+            "new_with_warnings": self.warned,
             "pulled": self.pulled,
             "seconds": round(self.seconds, 3),
             "files_per_second": round(self.rate, 1),
@@ -454,20 +464,50 @@ def _walk(root: Path) -> Iterator[WalkEntry]:
     yield from entries
 
 
+class IngestLog:
+    """The silo-local ingest log of one dataset: per ingest, every new skip and every library
+    warning with the file it came from (paths stay in the hospital, like the catalogue)."""
+
+    def __init__(self, path: Path | None) -> None:
+        """Append to ``path`` (nothing is written when it is None)."""
+        self.path = path
+        self._lines: list[str] = []
+
+    def add(self, what: str, rel: str, text: str) -> None:
+        """One line: ``<what> <path>: <text>``."""
+        if self.path is not None:
+            self._lines.append(f"{what} {rel}: {text}")
+
+    def write(self, header: str, footer: str) -> None:
+        """Append this ingest's lines between a header and a footer line, with timestamps."""
+        if self.path is None:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        lines = [f"{stamp} {header}", *(f"{stamp}   {ln}" for ln in self._lines),
+                 f"{stamp} {footer}"]  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8", errors="backslashreplace") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self._lines = []
+
+
 def ingest_folder(
     catalogue: Catalogue,
     name: str,
     root: Path,
     progress: Callable[[int, int], None] | None = None,
+    log: IngestLog | None = None,
 ) -> IngestSummary:
     """Record every file under ``root`` not yet recorded (or changed) for dataset ``name``.
 
     Commits every few hundred files or every second, whichever comes first, and what was
     read when an error or an interrupt stops the ingest: a re-run loses nothing and does not
     read again a file recorded with the same size and mtime. Records of files that vanished
-    are dropped. ``progress(done, total)`` is called as files are processed.
+    are dropped. ``progress(done, total)`` is called as files are processed. New skips and
+    pydicom's warnings go to ``log``.
     """
     started = time.perf_counter()
+    log = log if log is not None else IngestLog(None)
     summary = IngestSummary(name=name)
     known = catalogue.known_files(name)
     sops = catalogue.ok_sops(name)
@@ -482,6 +522,8 @@ def ingest_folder(
         sops = {s: p for s, p in sops.items() if p not in gone_set}
     batch: list[FileRecord] = []
     last_commit = time.monotonic()
+    if progress is not None:
+        progress(0, len(files))
     try:
         for done, entry in enumerate(files, start=1):
             if known.get(entry.rel) == (entry.size, entry.mtime_ns):
@@ -494,6 +536,10 @@ def ingest_folder(
                     summary.new_skipped += 1
                     key = reason_category(record.reason or "")
                     summary.reasons[key] = summary.reasons.get(key, 0) + 1
+                    log.add("skipped", entry.rel, record.reason or "")
+                if record.warnings:
+                    summary.warned += 1
+                    log.add("warning", entry.rel, record.warnings)
                 batch.append(record)
                 if len(batch) >= _BATCH or time.monotonic() - last_commit >= _COMMIT_S:
                     catalogue.record_files(name, batch)
@@ -587,7 +633,19 @@ def register_dataset(
             catalogue.set_labels(name, labels)
         result = _run_pull(pull, catalogue, name, files_root, first=old is None)
         files_root.mkdir(parents=True, exist_ok=True)
-        summary = ingest_folder(catalogue, name, files_root, progress)
+        log = IngestLog(folder / INGEST_LOG)
+        header = f"ingest of '{name}' from {source_kind} {source}"
+        try:
+            summary = ingest_folder(catalogue, name, files_root, progress, log)
+        except BaseException:
+            log.write(header, "stopped before the end (an error or an interrupt); the next "
+                      "'silo data add' continues")  # fmt: skip
+            raise
+        log.write(
+            header,
+            f"done: {summary.files} files, {summary.new_ok} new ok, {summary.new_skipped} new "
+            f"skipped, {summary.warned} with warnings, {summary.unchanged} unchanged",
+        )
         summary.pulled = result.written
         summary.undelivered = result.undelivered
         if pull is not None:
@@ -668,6 +726,7 @@ def remove_dataset(home: Any, name: str) -> int:
     if folder.is_dir():
         if record is not None and record.source_kind == "dicom-dir":
             (folder / MARKER_FILE).unlink(missing_ok=True)
+            (folder / INGEST_LOG).unlink(missing_ok=True)
             try:
                 folder.rmdir()
             except OSError:

@@ -76,8 +76,23 @@ def check_plan(
             stage,
             f"dataset '{plan.dataset}' is not registered at this site",
         )
+    misfit = _images_misfit(home, plan)
+    if misfit:
+        raise _refuse(home, digest, run_id, stage, misfit)
     _note_run_started(home, approval, run_id, signer)
     return approval
+
+
+def _images_misfit(home: SiloHome, plan: TrainingPlan) -> str | None:
+    """A catalogued dataset none of whose images fit the plan's channels (colour/grayscale)."""
+    if plan.task != "classification":
+        return None
+    from silo_client.data.plan_fit import catalogue_fit_problem
+
+    spec = plan.preprocessing
+    return catalogue_fit_problem(
+        Path(home.dataset_folder(plan.dataset)), spec.channels, spec.to_grayscale
+    )
 
 
 def _note_run_started(home: SiloHome, approval: Approval, run_id: str, signer: str | None) -> None:

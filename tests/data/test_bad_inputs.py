@@ -140,9 +140,9 @@ def test_non_dicom_and_pixelless_files_are_skipped_with_reasons(
     write_dicom(dicom / "sub" / "nopix.dcm", PixelData=None)
     write_dicom(dicom / "sub" / "sr.dcm", SOPClassUID=BasicTextSRStorage, PixelData=None)
     write_dicom(
-        dicom / "sub" / "rgb.dcm",
+        dicom / "sub" / "hsv.dcm",  # retired colour model: no decoder converts it
         np.zeros((4, 4, 3), dtype=np.uint8),
-        PhotometricInterpretation="RGB",
+        PhotometricInterpretation="HSV",
         SamplesPerPixel=3,
         BitsAllocated=8,
         BitsStored=8,
@@ -158,7 +158,7 @@ def test_non_dicom_and_pixelless_files_are_skipped_with_reasons(
     assert reasons["sub/empty.dcm"].startswith("not a DICOM file")
     assert reasons["sub/nopix.dcm"] == "no pixel data (tag (7FE0,0010) PixelData is absent)"
     assert reasons["sub/sr.dcm"].startswith("non-image SOP class 'Basic Text SR Storage'")
-    assert reasons["sub/rgb.dcm"].startswith("unsupported PhotometricInterpretation 'RGB'")
+    assert reasons["sub/hsv.dcm"].startswith("unsupported PhotometricInterpretation 'HSV'")
     assert reasons["sub/copy-of-first.dcm"] == f"duplicate of {first.name} (same SOPInstanceUID)"
     assert data.n_skipped == 6
     scan = scan_dicom_folder(dicom)
@@ -179,4 +179,7 @@ def test_undecodable_pixels_are_skipped(labelled_folder, tmp_path: Path) -> None
     (folder / "dicom" / "b.dcm").write_bytes(path.read_bytes())
     scan = scan_dicom_folder(folder / "dicom")
     assert not scan.instances
-    assert all(r.startswith("pixel data cannot be decoded") for _, r in scan.skipped)
+    assert all(
+        r.startswith("pixel data in Explicit VR Little Endian cannot be decoded (")
+        for _, r in scan.skipped
+    )

@@ -129,9 +129,9 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     data = good.read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(data[: len(data) - 500])
     (tmp_path / "notes.txt").write_text("not dicom")
-    rgb = image_dataset(np.zeros((8, 8, 3), dtype=np.uint8).reshape(8, 8, 3)[..., 0])
-    rgb.PhotometricInterpretation = "RGB"
-    save(rgb, tmp_path / "rgb.dcm")
+    hsv = image_dataset(np.zeros((8, 8, 3), dtype=np.uint8).reshape(8, 8, 3)[..., 0])
+    hsv.PhotometricInterpretation = "HSV"
+    save(hsv, tmp_path / "hsv.dcm")
     nopix = image_dataset(pixels)
     del nopix.PixelData
     save(nopix, tmp_path / "nopix.dcm")
@@ -139,5 +139,5 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert reasons["truncated.dcm"].startswith("truncated file (it ends at byte ")
     assert "pixel data (7FE0,0010)" in reasons["truncated.dcm"]
     assert reasons["notes.txt"].startswith("not a DICOM file")
-    assert reasons["rgb.dcm"].startswith("unsupported PhotometricInterpretation 'RGB'")
+    assert reasons["hsv.dcm"].startswith("unsupported PhotometricInterpretation 'HSV'")
     assert reasons["nopix.dcm"].startswith("no pixel data")
