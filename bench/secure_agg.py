@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from secure_agg.flower import aggregate_bounds
 from secure_agg.messages import pack
-from secure_agg.protocol import RoundConfig, ServerCoordinator
+from secure_agg.round_config import RoundConfig
+from secure_agg.server import ServerCoordinator
 from secure_agg.simulate import Federation, context_hash_of
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -57,6 +57,7 @@ state; the server raises :class:`BelowThreshold` when fewer than ``t`` silos rem
 :func:`secure_agg.simulate.run_in_memory` wires all of this in memory.
 """
 
+from .client import ClientState, SecAggClient
 from .codec import DecodedSum, FixedPointCodec, cap_weight, check_headroom
 from .errors import (
     BadSignature,
@@ -72,15 +73,8 @@ from .errors import (
 )
 from .keys import IdentityKey, Roster
 from .messages import SCHEMAS, STAGES, pack, unpack
-from .protocol import (
-    AggregateBounds,
-    AggregateResult,
-    ClientState,
-    RoundConfig,
-    SecAggClient,
-    ServerCoordinator,
-    default_threshold,
-)
+from .round_config import RoundConfig, default_threshold
+from .server import AggregateBounds, AggregateResult, ServerCoordinator
 
 __all__ = [
     "SCHEMAS",

@@ -47,7 +47,8 @@ from training_plan import wire
 from .errors import ConfigurationError, MalformedMessage, ProtocolAbort, SecureAggError
 from .keys import PROTOCOL, Roster, check_name, transcript
 from .messages import STAGES, new_message
-from .protocol import AggregateBounds, AggregateResult, RoundConfig, ServerCoordinator
+from .round_config import RoundConfig
+from .server import AggregateBounds, AggregateResult, ServerCoordinator
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid

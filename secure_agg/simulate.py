@@ -14,17 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from .client import ClientState, SecAggClient
 from .errors import ProtocolAbort
 from .keys import IdentityKey, Roster
 from .messages import STAGES, pack, unpack
-from .protocol import (
-    AggregateBounds,
-    AggregateResult,
-    ClientState,
-    RoundConfig,
-    SecAggClient,
-    ServerCoordinator,
-)
+from .round_config import RoundConfig
+from .server import AggregateBounds, AggregateResult, ServerCoordinator
 
 #: Callback that sees (stage, direction, silo, message) and may return a replacement.
 Tap = Callable[[str, str, str, dict[str, Any]], dict[str, Any] | None]

@@ -118,7 +118,7 @@ def review_text(
 def collusion_text(plan: TrainingPlan, policy: SitePolicy | None = None) -> str:
     """The collusion bound of the smallest round this site would join under ``plan``
     (docs/secure_agg.md, threat model), and the threshold the site's policy derives."""
-    from secure_agg.protocol import default_threshold
+    from secure_agg.round_config import default_threshold
     from silo_client.governance.policy import SitePolicy
 
     policy = policy or SitePolicy()

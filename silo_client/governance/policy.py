@@ -148,7 +148,7 @@ class SitePolicy(BaseModel):
         participation ledger, t(n) + t(n - 1) - n > k (two runs on one context, the second
         without the target); never below ``min_secure_threshold`` nor the protocol's default.
         """
-        from secure_agg.protocol import default_threshold
+        from secure_agg.round_config import default_threshold
 
         return max(
             self.min_secure_threshold,
@@ -167,7 +167,7 @@ class SitePolicy(BaseModel):
 
         ``signer`` is the verified signer key (base64) or None for an unsigned plan.
         """
-        from secure_agg.protocol import default_threshold
+        from secure_agg.round_config import default_threshold
 
         problems = []
         if signer is None:

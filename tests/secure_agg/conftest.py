@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from secure_agg.protocol import RoundConfig
+from secure_agg.round_config import RoundConfig
 
 
 def expected_mean(cfg: RoundConfig, vecs: dict, weights: dict, who) -> tuple[np.ndarray, float]:

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from secure_agg import shamir
+from secure_agg.client import ClientState
 from secure_agg.errors import BelowThreshold
 from secure_agg.keys import derive, pairwise_key, x25519_public
 from secure_agg.messages import new_message
 from secure_agg.prg import MaskAccumulator
-from secure_agg.protocol import ClientState, RoundConfig, ServerCoordinator
+from secure_agg.round_config import RoundConfig
+from secure_agg.server import ServerCoordinator
 from secure_agg.simulate import Federation, context_hash_of
 
 NAMES = ["alpha", "bravo", "charlie", "delta"]  # n = 4

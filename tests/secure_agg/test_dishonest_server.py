@@ -14,7 +14,7 @@ from secure_agg.errors import (
     UnknownPeer,
 )
 from secure_agg.keys import IdentityKey, transcript, x25519_generate
-from secure_agg.protocol import RoundConfig
+from secure_agg.round_config import RoundConfig
 from secure_agg.simulate import Federation, context_hash_of, run_in_memory
 
 NAMES = ["alpha", "bravo", "charlie", "delta", "echo"]  # t = 4

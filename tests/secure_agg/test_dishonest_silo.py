@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from secure_agg import shamir
+from secure_agg.client import SecAggClient
 from secure_agg.codec import FixedPointCodec, cap_weight
 from secure_agg.errors import (
     BadSignature,
@@ -20,13 +21,8 @@ from secure_agg.errors import (
     ConfigurationError,
     ImplausibleAggregate,
 )
-from secure_agg.protocol import (
-    AggregateBounds,
-    RoundConfig,
-    SecAggClient,
-    ServerCoordinator,
-    commit_transcript,
-)
+from secure_agg.round_config import RoundConfig, commit_transcript
+from secure_agg.server import AggregateBounds, ServerCoordinator
 from secure_agg.simulate import Federation, context_hash_of, run_in_memory
 
 from .conftest import expected_mean

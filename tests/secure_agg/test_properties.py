@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from secure_agg.errors import BelowThreshold
 from secure_agg.messages import STAGES
-from secure_agg.protocol import RoundConfig, default_threshold
+from secure_agg.round_config import RoundConfig, default_threshold
 from secure_agg.simulate import run_in_memory
 
 from .conftest import expected_mean

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from secure_agg.client import ClientState
 from secure_agg.errors import (
     BelowThreshold,
     ConfigurationError,
     MalformedMessage,
     ReplayDetected,
 )
-from secure_agg.protocol import ClientState, RoundConfig, ServerCoordinator, default_threshold
+from secure_agg.round_config import RoundConfig, default_threshold
+from secure_agg.server import ServerCoordinator
 from secure_agg.simulate import Federation, context_hash_of, run_in_memory
 
 from .conftest import expected_mean
