@@ -350,7 +350,7 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> TaskSetup:
     )
     from silo_client.data.dicom_dataset import build_dataset
     from silo_client.home import init_silo_home
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
     from training_plan import load_plan
 
     demo_plan = load_plan(EXAMPLE_PLAN)
@@ -462,7 +462,8 @@ def prepare_segmentation(cfg: BenchConfig, work: Path) -> TaskSetup:
         train_segmentation_alone,
     )
     from silo_client.home import init_silo_home
-    from silo_client.local_round import build_global_model, load_local_data
+    from silo_client.local_data import load_local_data
+    from silo_client.local_model import build_global_model
     from training_plan import load_plan
 
     size = max(cfg.input_size, min(CASE_SIZE, 2 * cfg.input_size))

@@ -297,7 +297,7 @@ def bench_training(tmp: Path, hospital: Path, size: int, epochs: int, repeats: i
     from torch import nn
 
     from silo_client.home import SiloHome
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
     from silo_client.training import make_optimizer, train_local
     from training_plan import TrainingPlan
     from training_plan.models import build_plan_model

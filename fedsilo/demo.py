@@ -88,7 +88,7 @@ def _all_local_only(plan_json: str, home_roots: list[str], test_dir: str, cache_
 
     from silo_client.data.dicom_dataset import build_dataset
     from silo_client.home import SiloHome
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
 
     torch.set_num_threads(1)
     plan = TrainingPlan.model_validate_json(plan_json)

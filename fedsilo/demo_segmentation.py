@@ -52,7 +52,7 @@ class SegmentationDemoSettings:
 
 def _alone(plan: TrainingPlan, home, test: SegmentationCases) -> list[dict[str, float]]:
     """One hospital training alone on its own training split, the federated run's budget."""
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
 
     data = load_local_data(home, plan)
     _, curve = train_segmentation_alone(plan, data.train_images, data.train_labels, home.name, test)
@@ -96,7 +96,7 @@ def run_segmentation_demo(settings: SegmentationDemoSettings, console=None) -> d
 
     import torch
 
-    from silo_client.local_round import build_global_model
+    from silo_client.local_model import build_global_model
     from silo_client.training import limit_threads
 
     limit_threads()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from silo_client.local_round import plan_preprocessing
+from silo_client.local_data import plan_preprocessing
 from training_plan import TrainingPlan
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def score_arrays(
     plan: TrainingPlan, arrays: dict[str, np.ndarray], images: torch.Tensor, labels: torch.Tensor
 ) -> ModelScore:
     """Score the plan's network carrying ``arrays`` (a checkpoint's weights)."""
-    from silo_client.local_round import build_global_model
+    from silo_client.local_model import build_global_model
 
     return score_model(build_global_model(plan, arrays), images, labels)
 
@@ -204,7 +204,7 @@ def train_alone(
     """
     import torch
 
-    from silo_client.local_round import silo_seed
+    from silo_client.local_model import silo_seed
     from silo_client.training import float_state, train_local
     from training_plan.models import build_plan_model
 
@@ -276,7 +276,7 @@ def train_segmentation_alone(
     """
     import torch
 
-    from silo_client.local_round import local_trainer, silo_seed
+    from silo_client.local_model import local_trainer, silo_seed
     from silo_client.training import float_state
     from training_plan.models import build_plan_model
 

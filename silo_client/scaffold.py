@@ -34,6 +34,8 @@ import numpy as np
 
 from fedsilo_base.atomic_files import write_atomic
 from silo_client.home import SiloHome
+from silo_client.local_data import load_local_data
+from silo_client.local_model import build_global_model, local_trainer, model_layout, silo_seed
 from training_plan import TrainingPlan, wire
 from training_plan.errors import PlanError
 
@@ -97,8 +99,6 @@ class ControlStore:
 
 def parameter_mask(model) -> np.ndarray:
     """True where the packed model vector holds a trainable parameter (not a float buffer)."""
-    from silo_client.local_round import model_layout
-
     params = {name for name, p in model.named_parameters() if p.requires_grad}
     parts = [
         np.full(int(np.prod(shape, dtype=np.int64)), key in params, dtype=bool)
@@ -110,8 +110,6 @@ def parameter_mask(model) -> np.ndarray:
 def _corrections(model, vector: np.ndarray) -> list:
     """A packed vector (c - c_i) as one tensor per ``model.parameters()`` entry."""
     import torch
-
-    from silo_client.local_round import model_layout
 
     named = wire.unpack(vector, model_layout(model))
     return [torch.from_numpy(np.array(named[name])) for name, _ in model.named_parameters()]
@@ -125,12 +123,6 @@ def scaffold_round(
     run_id: str,
 ) -> tuple[dict[str, np.ndarray], TrainResult]:
     """One SCAFFOLD round: train with corrected gradients; return (delta w, delta c_i)."""
-    from silo_client.local_round import (
-        build_global_model,
-        load_local_data,
-        local_trainer,
-        silo_seed,
-    )
     from silo_client.training import SGD_MOMENTUM, float_state, limit_threads
 
     if set(global_arrays) != {wire.MODEL, wire.SCAFFOLD_CONTROL}:
@@ -158,8 +150,6 @@ def scaffold_round(
         seed=silo_seed(plan, home.name, server_round),
         gradient_correction=_corrections(model, control - mine),
     )
-    from silo_client.local_round import model_layout
-
     trained = wire.pack(float_state(model), model_layout(model))
     distance = plan.training.learning_rate * sgd_distance(result.steps, SGD_MOMENTUM)
     updated = np.where(

@@ -65,6 +65,8 @@ WARM_MODULES = (
     "flwr.supernode.runtime.run_clientapp",
     "silo_client.app_runner",
     "silo_client.client_app",
+    "silo_client.local_data",
+    "silo_client.local_model",
     "silo_client.local_round",
     "silo_client.secure_round",
     "silo_client.training",

@@ -82,7 +82,7 @@ def test_training_reads_the_registered_dataset(home: SiloHome, hospital: Path) -
 
 
 def test_local_round_loads_registered_data(home: SiloHome, hospital: Path) -> None:
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
     from training_plan import TrainingPlan
 
     _silo(home, "add", "default", "--dicom-dir", str(hospital))

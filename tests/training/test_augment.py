@@ -70,7 +70,7 @@ def _trained(plan_text: str) -> list[torch.Tensor]:
     labels = torch.tensor([0, 1] * 6)
     torch.manual_seed(0)
     model = build_plan_model(plan.model)
-    from silo_client.local_round import local_trainer
+    from silo_client.local_model import local_trainer
 
     local_trainer(plan)(model, images, labels, plan.training, seed=2)
     return [p.detach().clone() for p in model.parameters()]

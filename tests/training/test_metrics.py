@@ -299,7 +299,7 @@ def test_silos_evaluate_only_validation_or_the_final_test_split() -> None:
 
 
 def test_split_groups_stay_on_one_side_and_test_does_not_move_with_validation() -> None:
-    from silo_client.local_round import group_split
+    from silo_client.local_data import group_split
 
     groups = [f"p{i // 3}" for i in range(60)]  # 20 patients, 3 volumes each
     kept, held = group_split(groups, 0.25, seed=4)

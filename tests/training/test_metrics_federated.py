@@ -79,7 +79,7 @@ def test_validation_and_test_splits_are_disjoint_and_test_is_held_out(
     folders: list[Path], tmp_path: Path
 ) -> None:
     from silo_client.data.dicom_dataset import Preprocessing, build_dataset
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
 
     plan = parse_plan(PLAIN)
     home = make_silos(tmp_path, folders[:1], identities=False)[0]

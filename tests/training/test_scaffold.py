@@ -71,7 +71,8 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def pooled_train_loss(plan, homes: list[SiloHome], arrays: dict[str, np.ndarray]) -> float:
     """The federation's objective: mean loss of a model over every silo's training split."""
-    from silo_client.local_round import build_global_model, load_local_data
+    from silo_client.local_data import load_local_data
+    from silo_client.local_model import build_global_model
     from silo_client.training import evaluate_sums
 
     total, count = 0.0, 0
@@ -161,7 +162,7 @@ def test_control_variates_move_and_stay_private_to_each_silo(plain: PlainRun) ->
     # the server's c is the example-weighted mean of the silos' c_i (all silos, every round)
     weights, stored = [], []
     for home in plain.homes:
-        from silo_client.local_round import load_local_data
+        from silo_client.local_data import load_local_data
 
         weights.append(len(load_local_data(home, parse_plan(plan_text())).train_labels))
         stored.append(ControlStore(home, RUN).load(3, control.size))
@@ -235,7 +236,7 @@ def test_secure_scaffold_round_equals_plain(
 
 
 def len_train(home: SiloHome, plan) -> int:
-    from silo_client.local_round import load_local_data
+    from silo_client.local_data import load_local_data
 
     return len(load_local_data(home, plan).train_labels)
 
