@@ -41,7 +41,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from training_plan import wire
+from silo_client.task_run import run_task
+from silo_client.task_worker import LAUNCH_ENV, TaskRequest, WarmWorker
 
 TASK_POLL_INTERVAL = "0.1"
 """Seconds between the runner's task polls (Flower 1.42's SuperExec default: 1.0)."""
@@ -81,8 +82,6 @@ def launch_plain(request) -> subprocess.Popen:
 
 def launch_mode() -> str:
     """``fork`` (default) or ``plain``, from FEDSILO_TASK_LAUNCH."""
-    from silo_client.task_worker import LAUNCH_ENV
-
     mode = os.environ.get(LAUNCH_ENV, "fork").strip() or "fork"
     if mode not in ("fork", "plain"):
         raise SystemExit(f"{LAUNCH_ENV}={mode!r} is neither 'fork' nor 'plain'; unset it or fix it")
@@ -93,8 +92,6 @@ def _executor(mode: str = "fork"):
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
     from flwr.supercore.superexec.executor.types import LaunchResult
-
-    from silo_client.task_worker import TaskRequest, WarmWorker
 
     class SiloExecutor(SubprocessExecutor):
         """Starts fedsilo's task runner for ClientApp tasks; refuses every other task type."""
@@ -144,108 +141,6 @@ def run_superexec_loop(args: argparse.Namespace) -> None:
         parent_pid=args.parent_pid,
         runtime_dependency_install=False,
     )
-
-
-def run_task(args: argparse.Namespace) -> int:
-    """One ClientApp task: check the bundle, then run the installed ClientApp (or refuse)."""
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import (
-        RuntimeTokenHttpInterceptor,
-        RuntimeVersionHttpInterceptor,
-    )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
-
-    from silo_client.governance.bundle import BundleRefused, check_bundle
-
-    if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)
-    client = RuntimeHttpClient.from_server_address(
-        server_address=args.runtime_api_address,
-        insecure=args.insecure,
-        root_certificates=validate_and_resolve_root_certificates(
-            args.root_certificates, args.insecure
-        ),
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-            RuntimeTokenHttpInterceptor(_token(args)),
-        ],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-    heartbeat.start()
-    context = None
-    status, details, code = SubStatus.FAILED, "ClientApp task failed", 1
-    try:
-        message, context, _run, fab = pull_task_input(client)
-        try:
-            check_bundle(fab.content)
-        except BundleRefused as exc:
-            _audit_bundle_refusal(context, fab.hash_str, str(exc))
-            reply = Message(Error(code=wire.ERROR_REFUSED, reason=str(exc)), reply_to=message)
-        else:
-            from silo_client.client_app import app as installed_app
-
-            reply = installed_app(message=message, context=context)
-        push_message(client, reply, context)
-        status, details, code = SubStatus.COMPLETED, "", 0
-    except Exception as exc:  # the reply could not be produced or pushed
-        details = f"{type(exc).__name__}: {exc}"
-        try:
-            if context is not None and "message" in locals():
-                push_message(
-                    client,
-                    Message(
-                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="silo runner"),
-                        reply_to=message,
-                    ),
-                    context,
-                )
-        except Exception:  # best effort: the SuperNode times the task out otherwise
-            pass
-    finally:
-        push_task_output(client=client, context=context, sub_status=status, details=details)
-        if heartbeat.is_running:
-            heartbeat.stop()
-        client.close()
-    return code
-
-
-def _token(args: argparse.Namespace) -> str:
-    """The task token: given by the worker (forked child) or read from stdin (plain launch)."""
-    token = getattr(args, "token", None)
-    if token is None and getattr(args, "token_stdin", False):
-        token = sys.stdin.readline().strip()
-    if not token:
-        raise SystemExit("silo runner task: no task token (pass it on stdin with --token-stdin)")
-    return token
-
-
-def _audit_bundle_refusal(context, fab_hash: str, reason: str) -> None:
-    from silo_client.errors import SiloError
-    from silo_client.governance.audit import audit
-    from silo_client.home import SiloHome
-
-    try:
-        home = SiloHome.from_node_config(context.node_config)
-        audit(
-            home.root,
-            "bundle-refused",
-            flower_run=str(context.run_id),
-            fab_hash=fab_hash,
-            reason=reason,
-        )
-    except SiloError:
-        pass
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ secure round. Flower has no long-lived ClientApp (upstream issue #3670), so the 
                                                                |- fork -> task child (exits)
                                                                |- fork -> task child (exits)
 
-Each child runs exactly today's task code (``app_runner.run_task``: bundle check, installed
+Each child runs exactly today's task code (``task_run.run_task``: bundle check, installed
 ClientApp, reply) and exits, so every message still gets its own process and the round state a
 task wipes stays wiped. The token reaches the child through the pipe, never through argv.
 
@@ -45,6 +45,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from silo_client.task_run import run_task
 
 LAUNCH_ENV = "FEDSILO_TASK_LAUNCH"
 """Environment variable of the silo runner: ``fork`` (default, the pre-warmed worker) or
@@ -107,7 +109,7 @@ class TaskRequest:
         )
 
     def namespace(self) -> argparse.Namespace:
-        """The arguments ``app_runner.run_task`` takes."""
+        """The arguments ``task_run.run_task`` takes."""
         return argparse.Namespace(**asdict(self))
 
 
@@ -201,7 +203,6 @@ def serve() -> int:
     """The worker's loop: warm up, say ``ready``, then fork a child per request line and answer
     ``forked PID``; ends when the runner closes the pipe."""
     warm_imports()
-    from silo_client.app_runner import run_task
 
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     answers.write("ready\n")

@@ -123,3 +123,64 @@ def test_every_room_is_a_distributed_package() -> None:
         "packages"
     ]["find"]["include"]
     assert all(f"{room}*" in include for room in ALLOWED), include
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Our modules and the modules of ours each one imports, at any depth of the file (an
+    import inside a function still closes a cycle at run time), except ``TYPE_CHECKING`` blocks."""
+    modules: dict[str, Path] = {}
+    for room in OURS:
+        for path in (ROOT / room).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    def walk(node: ast.AST):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                yield from (n for c in child.orelse for n in walk(c))
+                continue
+            yield child
+            yield from walk(child)
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {m for a in node.names if (m := known(a.name))}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    if (m := known(target if target in modules else base)) is not None:
+                        deps.add(m)
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles_between_our_modules() -> None:
+    graph = _module_graph()
+    cycles = []
+    for start in sorted(graph):
+        # depth-first search for a path back to start through modules after it (each cycle once)
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt > start and nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert not cycles, "import cycles: " + "; ".join(cycles)
