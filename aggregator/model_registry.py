@@ -59,6 +59,9 @@ def model_card(
         if sa.enabled
         else "secure aggregation OFF: the server saw each silo's update"
     )
+    from training_plan.privacy import released_guarantee
+
+    dp = released_guarantee(plan, len(rounds))
     args = ", ".join(f"{k}={v}" for k, v in sorted(plan.federation.strategy_args.items()))
     return (
         f"# Model card: {plan.title}\n\n"
@@ -81,7 +84,9 @@ def model_card(
         f"{metrics}\n\n"
         f"{_test_section(plan, test)}"
         "## Privacy settings\n\n"
-        f"{privacy}.\n"
+        f"{privacy}.\n\n"
+        "## Differential privacy (as the plan states it)\n\n"
+        f"{dp}.\n"
     )
 
 

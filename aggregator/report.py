@@ -101,6 +101,7 @@ def write_report(run_dir: Path) -> Path:
     status = "finished" if any(e["event"] == "run-finished" for e in events) else "not finished"
     failures = [e for e in events if e["event"] in ("run-failed", "round-failed")]
     test = next((e.get("test", {}) for e in events if e["event"] == "test-evaluated"), None)
+    privacy_line = f"<p>Differential privacy: {html.escape(_privacy(run_dir, len(rounds)))}.</p>"
     test_line = (
         f"<p>Held-out test splits (final model): {html.escape(_fmt(test))}</p>"
         if test is not None
@@ -131,6 +132,7 @@ def write_report(run_dir: Path) -> Path:
         f"aggregation {html.escape(str(started.get('aggregation', '?')))}, "
         f"{len(rounds)} round(s), {status}.</p>"
         + (f"<ul>{problems}</ul>" if problems else "")
+        + privacy_line
         + images
         + test_line
         + "<h2>Rounds</h2><table><tr><th>round</th><th>silos</th><th>validation</th>"
@@ -139,6 +141,21 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.html"
     write_atomic(out, page.encode("utf-8"), mode=PRIVATE)
     return out
+
+
+def _privacy(run_dir: Path, rounds_trained: int) -> str:
+    """The run's DP guarantee as its plan states it (the consortium knows nothing more)."""
+    from training_plan import load_plan
+    from training_plan.errors import PlanError
+    from training_plan.privacy import released_guarantee
+
+    for path in (run_dir / "plan.yaml", run_dir / "model" / "plan.yaml"):
+        if path.exists():
+            try:
+                return released_guarantee(load_plan(path), rounds_trained)
+            except PlanError as exc:
+                return f"unknown (the run's {path.name} does not load: {exc})"
+    return "unknown (the run folder holds no plan.yaml)"
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

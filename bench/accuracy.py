@@ -16,7 +16,10 @@ starting from the same initial weights):
   against the real ClientApp (silo_client/client_app.py), in process through
   ``tests.harness.InProcessGrid`` (every message through Flower's serialisation, no processes:
   the bench measures accuracy, not transport; `fedsilo demo` runs the same code as processes);
-* the same federated run, plain (the same strategy, secure aggregation off).
+* the same federated run, plain (the same strategy, secure aggregation off);
+* classification only: the secure federated run with patient-level DP-SGD at each silo
+  (``--dp 1,3,8``, the default: one arm per target epsilon, delta 1e-5, clip 1, patient
+  sampling rate ``--dp-sampling-rate``), so users see the price of the guarantee.
 
 Every model is scored on the same pooled held-out test set (AUC and accuracy; Dice and HD95 on
 held-out cases of every hospital's scanner). Prints one table, the issue's targets (federated
@@ -82,6 +85,8 @@ class BenchConfig:
     strategy: str = "fedavg"  # the federated arms' server strategy (no extra silo compute)
     strategy_args: dict[str, float] = field(default_factory=dict)
     quick: bool = False
+    dp_epsilons: tuple[float, ...] = ()  # one DP arm per target epsilon (classification)
+    dp_sampling_rate: float = 0.25
 
 
 #: Per task, what the bench runs unless told otherwise (BenchConfig's own defaults are the demo
@@ -171,6 +176,7 @@ class TaskSetup:
     train_model: Callable[[Any, Any, Any, str], list[dict[str, float]]]
     score: Callable[[Any, dict[str, np.ndarray]], dict[str, float]]
     every_round: bool = False  # score every round's model (curves), not only the final one
+    dp_plans: dict[float, Any] = field(default_factory=dict)  # target epsilon -> DP plan
 
 
 def _per_round(scores: list[dict[str, float]], rounds: int) -> list[dict[str, float]]:
@@ -220,14 +226,35 @@ def arm_hospitals_alone(setup: TaskSetup) -> list[ArmResult]:
 
 def arm_federated(setup: TaskSetup, *, secure: bool) -> ArmResult:
     """The real ServerApp round loop and ClientApps in process; every round's model scored."""
+    plan = setup.plan if secure else setup.plain_plan
+    name = "secure" if secure else "plain"
+    label = "federated, secure aggregation" if secure else "federated, plain (unmasked)"
+    return _federated_arm(setup, plan, name, label, _federated_dir(setup, secure))
+
+
+def arm_federated_dp(setup: TaskSetup, epsilon: float) -> ArmResult:
+    """The secure federated run with patient-level DP-SGD at every silo (target epsilon)."""
+    from training_plan.privacy import plan_budget
+
+    plan = setup.dp_plans[epsilon]
+    budget = plan_budget(plan)
+    result = _federated_arm(
+        setup,
+        plan,
+        f"dp-eps{epsilon:g}",
+        f"federated, secure, DP eps {epsilon:g} (sigma {budget.noise_multiplier:.2f})",
+        setup.work / f"run-dp-{epsilon:g}",
+    )
+    result.metrics["epsilon_spent"] = budget.planned_epsilon
+    return result
+
+
+def _federated_arm(setup: TaskSetup, plan: Any, name: str, label: str, out: Path) -> ArmResult:
     from aggregator.artifacts import load_model
     from aggregator.federated_run import FederatedRun
     from silo_client.client_app import app as client_app
     from tests.harness import InProcessGrid
 
-    plan = setup.plan if secure else setup.plain_plan
-    name = "secure" if secure else "plain"
-    out = _federated_dir(setup, secure)
     grid = InProcessGrid(
         {i + 1: (client_app, {"home": str(h.root)}) for i, h in enumerate(setup.homes)}
     )
@@ -244,7 +271,7 @@ def arm_federated(setup: TaskSetup, *, secure: bool) -> ArmResult:
     n = sum(len(labels) for _, labels in setup.train.values())
     return ArmResult(
         arm=f"federated-{name}",
-        label="federated, secure aggregation" if secure else "federated, plain (unmasked)",
+        label=label,
         trained_on=f"{n} across {len(setup.homes)} silos",
         passes_per_example=_passes(plan),
         metrics=scores[-1],
@@ -338,6 +365,7 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> TaskSetup:
         federation=_federation_section(cfg),
     )
     plain_plan = adjust_plan(plan, secure_aggregation={"enabled": False})
+    dp_plans = {eps: dp_plan(plan, eps, cfg.dp_sampling_rate) for eps in cfg.dp_epsilons}
     specs, test_dir = generate_consortium_data(
         work,
         hospitals=cfg.hospitals,
@@ -353,7 +381,9 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> TaskSetup:
     ]
     pin_roster(homes)
     # The plain arm needs a site policy that lets a plan without secure aggregation run.
-    approve_everywhere(homes, [plan, plain_plan], work, secure_aggregation_required=False)
+    approve_everywhere(
+        homes, [plan, plain_plan, *dp_plans.values()], work, secure_aggregation_required=False
+    )
     train = {}
     for home in homes:
         data = load_local_data(home, plan)  # the very split the silo trains on in a round
@@ -389,7 +419,16 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> TaskSetup:
         train_model,
         score,
         cfg.every_round,
+        dp_plans,
     )
+
+
+def dp_plan(plan: Any, epsilon: float, sampling_rate: float) -> Any:
+    """The plan with patient-level DP at target ``epsilon`` (delta 1e-5, clip 1, sigma derived)."""
+    from training_plan import TrainingPlan
+
+    privacy = {"target_epsilon": epsilon, "target_delta": 1e-5, "sampling_rate": sampling_rate}
+    return TrainingPlan.model_validate({**plan.model_dump(), "privacy": privacy})
 
 
 def _training_section(cfg: BenchConfig) -> dict[str, Any]:
@@ -526,6 +565,9 @@ def run_task(cfg: BenchConfig, work: Path, progress: Callable[[str], Any]) -> di
         arms.append(arm_federated(setup, secure=True))
     with progress("federated, plain (the same strategy, secure aggregation off)"):
         arms.append(arm_federated(setup, secure=False))
+    for epsilon in sorted(setup.dp_plans):
+        with progress(f"federated, secure, patient-level DP at epsilon {epsilon:g}"):
+            arms.append(arm_federated_dp(setup, epsilon))
     tolerance = TOLERANCE[cfg.task]
     name = metric_name(info.metric)
     by_arm = {a.arm: a for a in arms}
@@ -680,6 +722,24 @@ def _strategy_arg(text: str) -> tuple[str, float]:
         ) from None
 
 
+DP_EPSILONS = (1.0, 3.0, 8.0)
+"""The DP arms' target epsilons unless --dp says otherwise."""
+
+
+def _epsilons(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected target epsilons like 1,3,8 or 'none', got '{text}'"
+        ) from None
+    if any(not 0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"each epsilon must be in (0, 100], got '{text}'")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None, Path | None]:
     """The benchmark's settings, the --out folder and the --workdir (None: a temp folder)."""
     parser = argparse.ArgumentParser(prog="bench/accuracy.py", description=__doc__.split("\n\n")[0])
@@ -715,6 +775,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
         help="a tunable of the strategy, e.g. server_momentum=0.9 (repeatable; with --strategy "
         "it replaces the default's tunables)",
     )
+    parser.add_argument(
+        "--dp",
+        type=_epsilons,
+        help="target epsilons of the DP arms, e.g. 1,3,8 (default: 1,3,8 for classification, "
+        "none with --quick or for segmentation); 'none' runs no DP arm",
+    )
+    parser.add_argument(
+        "--dp-sampling-rate",
+        type=float,
+        default=0.25,
+        help="the DP arms' patient sampling rate per step (default 0.25)",
+    )
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="tiny budget: a smoke test")
     parser.add_argument(
@@ -736,8 +808,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
         settings["strategy_args"] = dict(args.strategy_arg)
     else:
         settings["strategy_args"] = {**settings.get("strategy_args", {}), **dict(args.strategy_arg)}
+    if args.dp is not None:
+        dp = args.dp
+    else:
+        dp = DP_EPSILONS if args.task == "classification" and not args.quick else ()
+    if dp and args.task != "classification":
+        parser.error("--dp: the DP arms run for --task classification only")
+    if not 0.001 <= args.dp_sampling_rate <= 1:
+        parser.error("--dp-sampling-rate must be within [0.001, 1]")
     cfg = BenchConfig(
         task=args.task,
+        dp_epsilons=dp,
+        dp_sampling_rate=args.dp_sampling_rate,
         seed=args.seed,
         threads=args.threads,
         every_round=args.every_round,

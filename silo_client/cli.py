@@ -20,11 +20,12 @@ console = Console(soft_wrap=True)
 
 
 def _mount_governance() -> None:
-    from silo_client.cli_governance import audit_app, plan_app, policy_app
+    from silo_client.cli_governance import audit_app, plan_app, policy_app, privacy_app
 
     app.add_typer(plan_app, name="plan")
     app.add_typer(policy_app, name="policy")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(privacy_app, name="privacy")
 
 
 _mount_governance()

@@ -28,6 +28,9 @@ console = Console(soft_wrap=True)
 plan_app = typer.Typer(help="Review, approve and revoke training plans.", no_args_is_help=True)
 policy_app = typer.Typer(help="The site policy: what this hospital allows.", no_args_is_help=True)
 audit_app = typer.Typer(help="The append-only audit log of this silo.", no_args_is_help=True)
+privacy_app = typer.Typer(
+    help="The privacy-budget ledger: epsilon spent per dataset.", no_args_is_help=True
+)
 
 
 def _plan_and_signature(path: Path):
@@ -95,6 +98,13 @@ def review_text(
         + _metric_disclosure(plan),
         f"Privacy       secure aggregation {'ON' if sa.enabled else 'OFF'}, clip {sa.clip}, "
         f"max weight {sa.max_weight}; no images, labels, paths or identifiers leave the site",
+        "DP            "
+        + (
+            f"patient-level DP-SGD, target epsilon {plan.privacy.target_epsilon:g}, delta "
+            f"{plan.privacy.target_delta:g} per dataset over the plan's rounds"
+            if plan.privacy is not None
+            else "none (no privacy section): the model carries no differential-privacy guarantee"
+        ),
     ]
     if sa.enabled:
         lines.append(collusion_text(plan, policy))
@@ -154,7 +164,19 @@ def plan_review(
     signer = verify_plan_signature(plan, signature) if signature else None
     policy = load_policy(silo.root)
     problems = policy.violations(plan, signer)
-    console.print(review_text(plan, signer, problems, policy), markup=False, highlight=False)
+    text = review_text(plan, signer, problems, policy)
+    if plan.privacy is not None:
+        from silo_client.governance.privacy_ledger import PrivacyLedger, review_lines
+        from training_plan.privacy import plan_budget
+
+        lines = review_lines(
+            PrivacyLedger(silo.root),
+            plan.dataset,
+            plan_budget(plan),
+            policy.max_epsilon_for(plan.dataset),
+        )
+        text += "\n" + "\n".join(lines)
+    console.print(text, markup=False, highlight=False)
 
 
 @plan_app.command("approve")
@@ -345,3 +367,63 @@ def audit_export(
 
         write_atomic(out, body.encode(), mode=0o600)
         console.print(f"exported {result.entries} entries to {out}; head hash {result.head}")
+
+
+@privacy_app.command("show")
+def privacy_show(
+    home: Path = SILO_HOME.option(),
+    dataset: str = typer.Option(None, "--dataset", help="Only this dataset tag."),
+    as_json: bool = typer.Option(False, "--json", help="Totals and every run as JSON."),
+) -> None:
+    """Per dataset: the epsilon every DP run spent, the total and what the site policy allows."""
+    from silo_client.governance.policy import load_policy
+    from silo_client.governance.privacy_ledger import PrivacyLedger
+
+    silo = SiloHome.open(home)
+    policy = load_policy(silo.root)
+    ledger = PrivacyLedger(silo.root)
+    spends = ledger.spends(dataset)
+    datasets = sorted({s.dataset for s in spends} | ({dataset} if dataset else set(silo.datasets)))
+    totals = [ledger.total(name, policy.max_epsilon_for(name)) for name in datasets]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "datasets": [
+                        {
+                            "dataset": t.dataset,
+                            "epsilon_spent": t.epsilon,
+                            "delta_spent": t.delta,
+                            "runs": t.runs,
+                            "max_epsilon": t.max_epsilon,
+                            "epsilon_remaining": t.remaining,
+                        }
+                        for t in totals
+                    ],
+                    "runs": [s.as_dict() for s in spends],
+                },
+                indent=2,
+            )
+        )
+        return
+    for t in totals:
+        allowed = (
+            f"of this site's maximum {t.max_epsilon:g}, {t.remaining:.3f} remain"
+            if t.max_epsilon is not None
+            else "(this site sets no maximum: policy privacy_max_epsilon)"
+        )
+        console.print(
+            f"dataset '{t.dataset}': epsilon {t.epsilon:.3f} (delta {t.delta:g}) spent in "
+            f"{t.runs} DP run(s) {allowed}",
+            markup=False,
+            highlight=False,
+        )
+        for s in (s for s in spends if s.dataset == t.dataset):
+            console.print(
+                f"  run {s.run_id} plan {s.plan_hash[:12]}: {s.rounds_trained} round(s), "
+                f"epsilon {s.epsilon:.3f} of target {s.target_epsilon:g}, delta {s.delta:g}, "
+                f"noise {s.noise_multiplier:.3f}, rate {s.sampling_rate:g}, "
+                f"{s.accountant.upper()}; last {s.updated_at}",
+                markup=False,
+                highlight=False,
+            )

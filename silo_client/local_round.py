@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from silo_client.data.preprocessing import Preprocessing
     from silo_client.data.segmentation_dataset import VolumePreprocessing
     from silo_client.training import TrainResult
+    from training_plan.privacy import PrivacyBudget
 
 log = logging.getLogger("fedsilo.silo")
 
@@ -69,6 +70,8 @@ class LocalData:
     train_spacing: np.ndarray | None = None
     val_spacing: np.ndarray | None = None
     test_spacing: np.ndarray | None = None
+    train_groups: list[str] | None = None
+    """Hashed patient (else study) of each training item: the unit of patient-level DP."""
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
         """(images, labels or masks, spacing) of the 'validation' or 'test' split."""
@@ -128,10 +131,20 @@ def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = No
     spec = plan.training
     if spec.test_fraction == 0:
         train, val = data.split(spec.validation_fraction, seed=spec.seed)
-        return LocalData(train.images, train.labels, val.images, val.labels)
+        return LocalData(
+            train.images, train.labels, val.images, val.labels, train_groups=list(train.groups)
+        )
     rest, test = data.split(spec.test_fraction, seed=spec.seed + TEST_SEED_OFFSET)
     train, val = rest.split(_rest_fraction(plan), seed=spec.seed)
-    return LocalData(train.images, train.labels, val.images, val.labels, test.images, test.labels)
+    return LocalData(
+        train.images,
+        train.labels,
+        val.images,
+        val.labels,
+        test.images,
+        test.labels,
+        train_groups=list(train.groups),
+    )
 
 
 def _rest_fraction(plan: TrainingPlan) -> float:
@@ -195,7 +208,16 @@ def _load_segmentation_data(
     train, val = part(train_idx), part(val_idx)
     test = part(test_idx) if spec.test_fraction > 0 else (None, None, None)
     return LocalData(
-        train[0], train[1], val[0], val[1], test[0], test[1], train[2], val[2], test[2]
+        train[0],
+        train[1],
+        val[0],
+        val[1],
+        test[0],
+        test[1],
+        train[2],
+        val[2],
+        test[2],
+        train_groups=[groups[i] for i in train_idx],
     )
 
 
@@ -257,17 +279,28 @@ def train_round(
 
         return scaffold_round(home, plan, global_arrays, server_round, run_id)
 
+    budget = charge_privacy_round(home, plan, server_round, run_id)  # before any data is read
     limit_threads()
     data = load_local_data(home, plan)
     model = build_global_model(plan, global_arrays)
-    result = local_trainer(plan)(
-        model,
-        data.train_images,
-        data.train_labels,
-        plan.training,
-        seed=silo_seed(plan, home.name, server_round),
-        proximal_mu=plan.federation.proximal_mu,  # FedProx: from the approved plan, not the config
-    )
+    if budget is not None:
+        result = private_trainer(plan, budget)(
+            model,
+            data.train_images,
+            data.train_labels,
+            data.train_groups or [],
+            seed=silo_seed(plan, home.name, server_round),
+            proximal_mu=plan.federation.proximal_mu,
+        )
+    else:
+        result = local_trainer(plan)(
+            model,
+            data.train_images,
+            data.train_labels,
+            plan.training,
+            seed=silo_seed(plan, home.name, server_round),
+            proximal_mu=plan.federation.proximal_mu,  # FedProx: from the approved plan
+        )
     local = float_state(model)
     if set(global_arrays) == {wire.MODEL}:
         update = {wire.MODEL: wire.pack(local, model_layout(model)) - global_arrays[wire.MODEL]}
@@ -281,6 +314,61 @@ def train_round(
         result.mean_loss,
     )
     return update, result
+
+
+def charge_privacy_round(
+    home: SiloHome, plan: TrainingPlan, server_round: int, run_id: str
+) -> PrivacyBudget | None:
+    """For a DP plan: record this round in the privacy ledger, or refuse it (PlanRefused) when
+    it would exceed the plan's budget or the site's per-dataset maximum. Reads no data."""
+    if plan.privacy is None:
+        return None
+    from silo_client.governance.policy import load_policy
+    from silo_client.governance.privacy_ledger import PrivacyLedger
+    from training_plan.privacy import plan_budget
+
+    budget = plan_budget(plan)
+    PrivacyLedger(home.root).charge_round(
+        dataset=plan.dataset,
+        run_id=run_id or "(no run id)",
+        plan_hash=plan_hash(plan),
+        budget=budget,
+        server_round=server_round,
+        max_epsilon=load_policy(home.root).max_epsilon_for(plan.dataset),
+    )
+    return budget
+
+
+def private_trainer(plan: TrainingPlan, budget: PrivacyBudget) -> Callable[..., TrainResult]:
+    """Patient-level DP-SGD with the task's loss (silo_client.dp_training)."""
+    from silo_client import training
+    from silo_client.augment import Augmenter
+    from silo_client.dp_training import train_private
+
+    if plan.task == "segmentation":
+        loss_fn = training.segmentation_loss(plan.loss_name)
+    else:
+        bce = training.nn.BCEWithLogitsLoss()
+
+        def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return bce(outputs.squeeze(1), targets)
+
+    def run(model, images, labels, groups, *, seed: int, proximal_mu: float) -> TrainResult:
+        return train_private(
+            model,
+            images,
+            labels,
+            groups,
+            plan.training,
+            budget,
+            seed,
+            loss_fn,
+            proximal_mu=proximal_mu,
+            augment=Augmenter(tuple(plan.preprocessing.augmentations), seed),
+            spatial_targets=plan.task == "segmentation",
+        )
+
+    return run
 
 
 def local_trainer(plan: TrainingPlan) -> Callable[..., TrainResult]:

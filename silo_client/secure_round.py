@@ -506,6 +506,11 @@ def _local_vector(
     check_min_examples(home, examples, run_id=files.stem, digest=str(context["plan_hash"]))
     # weight AND counters capped together, so that the sums stay within what the server checks
     weight, counters = cap_weight(examples, counters, w_max)
+    if phase == "train" and plan.privacy is not None and weight > 0:
+        # DP: equal weights, so the masked update depends on the data only through DP-SGD; the
+        # counters scale with the weight so they stay consistent with it (ratios unchanged)
+        factor = w_max / weight
+        weight, counters = float(w_max), {k: v * factor for k, v in counters.items()}
     if examples > w_max:
         log.warning(
             "secure %s round %d: %d examples exceed the plan's max_weight %d; weight and "

@@ -15,6 +15,9 @@ def canonical_json(plan: TrainingPlan) -> bytes:
     bytes, and so the same hash.
     """
     data = plan.model_dump(mode="json")
+    if data.get("privacy") is None:
+        # plans without a privacy section keep the hash they had before the section existed
+        data.pop("privacy", None)
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 

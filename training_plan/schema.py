@@ -307,6 +307,42 @@ class SecureAggregationSpec(_Strict):
     )
 
 
+class PrivacySpec(_Strict):
+    """Patient-level differential privacy: each silo trains with DP-SGD over its patients.
+
+    The unit of privacy is the patient: a patient's images are grouped, the gradient of their
+    loss is clipped to ``clip_norm`` as one contribution, patients are Poisson-sampled with
+    ``sampling_rate`` per step, and Gaussian noise of ``noise_multiplier * clip_norm`` is added.
+    Everything the accountant needs is in the plan, so the epsilon is known before any data is
+    read (training_plan/privacy.py).
+    """
+
+    unit: Literal["patient"] = Field("patient", description="what one guarantee protects")
+    target_epsilon: float = Field(gt=0, le=100, description="epsilon over all the plan's rounds")
+    target_delta: float = Field(
+        1e-5, gt=0, lt=0.01, description="delta; well below 1 / (patients in a silo's dataset)"
+    )
+    clip_norm: float = Field(1.0, gt=0, le=1e4, description="L2 clip of a patient's gradient")
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="noise std / clip_norm; omitted: the smallest that meets target_epsilon",
+    )
+    sampling_rate: float = Field(
+        0.1,
+        ge=0.001,
+        le=1.0,
+        description=(
+            "probability each patient is in a step (Poisson sampling); expected patients per "
+            "step = rate * a silo's training patients; a round is local_epochs * ceil(1/rate) steps"
+        ),
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant: rdp (Renyi DP) or prv (tighter, slower)"
+    )
+
+
 class TrainingPlan(_Strict):
     """A complete, validated training plan (schema version 2; version 1 plans validate too)."""
 
@@ -329,6 +365,9 @@ class TrainingPlan(_Strict):
     federation: FederationSpec = FederationSpec()
     secure_aggregation: SecureAggregationSpec = SecureAggregationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    privacy: PrivacySpec | None = Field(
+        None, description="patient-level DP-SGD at every silo; omitted: no DP (hash unchanged)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -432,4 +471,33 @@ class TrainingPlan(_Strict):
                 "fedadam, fedyogi, fedadagrad or fedprox, or turn secure_aggregation off where "
                 "every silo's policy allows it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> TrainingPlan:
+        if self.privacy is None:
+            return self
+        if self.model.norm == "batch":
+            raise ValueError(
+                "model.norm batch cannot train with privacy: BatchNorm mixes patients in a "
+                "batch and its running statistics would leave the silo without noise; use "
+                "model.norm instance or group (the network's BatchNorm layers are then replaced)"
+            )
+        if self.federation.strategy == "scaffold":
+            raise ValueError(
+                "federation.strategy scaffold is not supported with privacy (its control "
+                "variates are not accounted for); use fedavg, fedavgm, fedadam, fedyogi, "
+                "fedadagrad or fedprox"
+            )
+        if self.privacy.noise_multiplier is not None:
+            from training_plan.privacy import plan_budget
+
+            budget = plan_budget(self)
+            spent = budget.planned_epsilon
+            if spent > self.privacy.target_epsilon * 1.0001:
+                raise ValueError(
+                    f"privacy.noise_multiplier {budget.noise_multiplier:g} spends epsilon "
+                    f"{spent:.2f} over {self.federation.rounds} round(s), above target_epsilon "
+                    f"{self.privacy.target_epsilon:g}: raise it, or leave it out to derive it"
+                )
         return self

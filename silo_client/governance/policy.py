@@ -17,6 +17,10 @@ Example::
     min_contributors: 3             # fewest silos in any sum this silo contributes to
     secure_round_timeout_seconds: 3900   # a round idle this long is abandoned: secrets shredded
     allow_score_histograms: true    # plans may ask for AUC (pooled per-class score histograms)
+    privacy_required: false         # refuse plans without patient-level DP (a privacy section)
+    privacy_max_epsilon: null       # per dataset, over all runs (silo privacy show); null: none
+    privacy_max_epsilon_by_dataset: {}   # per-dataset overrides, e.g. {default: 8}
+    privacy_max_delta: 0.0001       # largest delta a DP plan may ask for
 
 A silo without a policy file uses the defaults above with no allowed researcher: every signed
 plan is refused until IT lists the researchers it trusts (a safe default, not a convenient one).
@@ -104,6 +108,30 @@ class SitePolicy(BaseModel):
             "of model scores of each class, pooled over silos (docs/training.md)"
         ),
     )
+    privacy_required: bool = Field(
+        False, description="refuse plans without patient-level differential privacy"
+    )
+    privacy_max_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="epsilon a dataset may spend over all runs (the privacy ledger); null: none",
+    )
+    privacy_max_epsilon_by_dataset: dict[str, float] = Field(
+        default_factory=dict, description="per-dataset maximum, overriding privacy_max_epsilon"
+    )
+    privacy_max_delta: float = Field(1e-4, gt=0, lt=1, description="largest delta a plan may ask")
+
+    @field_validator("privacy_max_epsilon_by_dataset")
+    @classmethod
+    def _positive_budgets(cls, value: dict[str, float]) -> dict[str, float]:
+        for dataset, epsilon in value.items():
+            if not epsilon > 0:
+                raise ValueError(f"dataset '{dataset}': the maximum epsilon must be above 0")
+        return value
+
+    def max_epsilon_for(self, dataset: str) -> float | None:
+        """The site's maximum epsilon over all runs on this dataset (None: no maximum)."""
+        return self.privacy_max_epsilon_by_dataset.get(dataset, self.privacy_max_epsilon)
 
     def researcher_named(self, public_key: str) -> str | None:
         """The name IT gave a key, or None when the key is not allowed."""
@@ -174,6 +202,27 @@ class SitePolicy(BaseModel):
             problems.append(
                 "the plan asks for auc, which sends score histograms; this site does not allow "
                 "them (allow_score_histograms: false)"
+            )
+        problems.extend(self._privacy_violations(plan))
+        return problems
+
+    def _privacy_violations(self, plan: TrainingPlan) -> list[str]:
+        privacy = plan.privacy
+        if privacy is None:
+            if self.privacy_required:
+                return ["this site requires patient-level differential privacy (a privacy section)"]
+            return []
+        problems = []
+        limit = self.max_epsilon_for(plan.dataset)
+        if limit is not None and privacy.target_epsilon > limit * 1.0001:
+            problems.append(
+                f"the plan's privacy target epsilon {privacy.target_epsilon:g} exceeds this "
+                f"site's per-dataset maximum {limit:g}"
+            )
+        if privacy.target_delta > self.privacy_max_delta:
+            problems.append(
+                f"the plan's privacy delta {privacy.target_delta:g} exceeds this site's maximum "
+                f"{self.privacy_max_delta:g}"
             )
         return problems
 

@@ -131,6 +131,12 @@ def test_quick_segmentation_bench_runs_every_arm_and_secure_matches_plain(tmp_pa
         (["--task", "detection"], "argument --task: invalid choice: 'detection'"),
         (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
         (["--strategy-arg", "eta"], "argument --strategy-arg: expected NAME=NUMBER"),
+        (["--dp", "1,x"], "argument --dp: expected target epsilons like 1,3,8 or 'none'"),
+        (["--dp", "0"], "argument --dp: each epsilon must be in (0, 100]"),
+        (
+            ["--task", "segmentation", "--dp", "3"],
+            "--dp: the DP arms run for --task classification",
+        ),
     ],
 )
 def test_bad_arguments_get_one_line_and_a_nonzero_exit(args: list[str], message: str) -> None:
@@ -156,3 +162,27 @@ def test_a_strategy_argument_the_plan_refuses_is_one_line() -> None:
     assert "the benchmark's plan is invalid at federation" in done.stdout
     assert "'eta' is not an argument of fedavgm" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_dp_arms_default_to_epsilons_1_3_8_for_classification() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.accuracy import parse_args
+
+    assert parse_args([])[0].dp_epsilons == (1.0, 3.0, 8.0)
+    assert parse_args(["--quick"])[0].dp_epsilons == ()
+    assert parse_args(["--dp", "none"])[0].dp_epsilons == ()
+    assert parse_args(["--task", "segmentation"])[0].dp_epsilons == ()
+
+
+@pytest.mark.slow
+def test_quick_bench_with_a_dp_arm(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _bench("--quick", "--dp", "8", "--out", str(out), "--workdir", str(tmp_path / "w"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "accuracy.json").read_text())
+    arms = {arm["arm"]: arm for arm in result["arms"]}
+    assert set(arms) == ARMS | {"federated-dp-eps8"}
+    dp = arms["federated-dp-eps8"]
+    assert 0.0 <= dp["metrics"]["auc"] <= 1.0
+    assert 0 < dp["metrics"]["epsilon_spent"] <= 8 * 1.0001
+    assert "DP eps 8" in dp["label"]
