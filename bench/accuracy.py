@@ -348,7 +348,7 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> TaskSetup:
         score_arrays,
         train_alone,
     )
-    from silo_client.data.dicom_dataset import build_dataset
+    from silo_client.data.dataset_builder import build_dataset
     from silo_client.home import init_silo_home
     from silo_client.local_data import load_local_data
     from training_plan import load_plan

@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from fedsilo.local_consortium import score_model
-from silo_client.data.dicom_dataset import Preprocessing, build_dataset
-from silo_client.data.synthetic import generate_colour_hospitals
+from fedsilo.synthetic import generate_colour_hospitals
+from silo_client.data.dataset_builder import build_dataset
+from silo_client.data.preprocessing import Preprocessing
 from silo_client.training import train_local
 from training_plan import parse_plan
 from training_plan.models import build_plan_model

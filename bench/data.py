@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from fedsilo.synthetic import generate_hospitals
 from silo_client.data.ingest import managed_folder, register_dataset
-from silo_client.data.synthetic import generate_hospitals
 from silo_client.home import init_silo_home
 
 
@@ -103,7 +103,7 @@ def bench_colour_folder(tmp: Path, n: int, size: int, repeats: int) -> None:
     against the bare pydicom read + decode (to RGB) loop over the same files."""
     import pydicom
 
-    from silo_client.data.synthetic import generate_colour_hospitals
+    from fedsilo.synthetic import generate_colour_hospitals
 
     root = tmp / "colour-data"
     specs = generate_colour_hospitals(root, hospitals=6, images_per_hospital=max(4, n // 6),

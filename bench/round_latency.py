@@ -64,7 +64,7 @@ def run_mode(mode: str, work: Path, hospitals: int, rounds: int) -> list[dict]:
     from aggregator.pki import make_tls
     from fedsilo.flower_processes import FlowerCluster
     from fedsilo.local_consortium import approve_everywhere, pin_roster
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
     from silo_client.home import init_silo_home
     from training_plan import parse_plan
 

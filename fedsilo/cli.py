@@ -110,7 +110,7 @@ def synth(
     """Generate synthetic hospitals: real DICOM files plus labels.csv (classification) or
     lesion masks as DICOM SEG / NIfTI (segmentation) per hospital."""
     if task == "segmentation":
-        from silo_client.data.synthetic import generate_segmentation_hospitals
+        from fedsilo.synthetic import generate_segmentation_hospitals
 
         folders = generate_segmentation_hospitals(
             out, n_hospitals=hospitals, cases_per_hospital=cases_per_hospital,
@@ -125,7 +125,7 @@ def synth(
             )
         return
     if task == "colour":
-        from silo_client.data.synthetic import generate_colour_hospitals
+        from fedsilo.synthetic import generate_colour_hospitals
 
         colour_specs = generate_colour_hospitals(
             out, hospitals=hospitals, images_per_hospital=images_per_hospital, seed=seed,
@@ -141,7 +141,7 @@ def synth(
         from silo_client.errors import DataError
 
         raise DataError(f"--task {task!r} is not known; use classification, colour or segmentation")
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     specs = generate_hospitals(
         out,

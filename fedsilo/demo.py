@@ -86,7 +86,7 @@ def _all_local_only(plan_json: str, home_roots: list[str], test_dir: str, cache_
     """Each hospital alone (runs in a worker process while the federation runs)."""
     import torch
 
-    from silo_client.data.dicom_dataset import build_dataset
+    from silo_client.data.dataset_builder import build_dataset
     from silo_client.home import SiloHome
     from silo_client.local_data import load_local_data
 
@@ -171,7 +171,7 @@ def run_demo(settings: DemoSettings, console=None) -> dict:
 def _run_federation_and_report(
     settings, console, plan, plan_path, homes, specs, work, out, test_dir, started, baselines
 ) -> dict:
-    from silo_client.data.dicom_dataset import build_dataset
+    from silo_client.data.dataset_builder import build_dataset
     from silo_client.training import limit_threads
 
     out_run = out / "run"

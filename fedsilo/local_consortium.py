@@ -20,7 +20,7 @@ from training_plan import TrainingPlan
 if TYPE_CHECKING:
     import torch
 
-    from silo_client.data.synthetic import HospitalSpec
+    from fedsilo.synthetic import HospitalSpec
     from silo_client.home import SiloHome
 
 
@@ -50,7 +50,7 @@ def generate_consortium_data(
     The test set (``out/pooled-test``) is drawn from every hospital's distribution with its own
     seed, so no image of it is in any hospital's data. Returns the specs and the test folder.
     """
-    from silo_client.data.synthetic import generate_hospitals, generate_test_set
+    from fedsilo.synthetic import generate_hospitals, generate_test_set
 
     specs = generate_hospitals(
         out / "hospitals",
@@ -84,7 +84,7 @@ def generate_segmentation_consortium(
 ) -> tuple[list[Path], list[Path]]:
     """Synthetic CT hospitals in ``out/hospitals/<name>`` and a pooled held-out set of cases
     from the same scanners (another seed) in ``out/pooled-test/<name>``."""
-    from silo_client.data.synthetic import generate_segmentation_hospitals
+    from fedsilo.synthetic import generate_segmentation_hospitals
 
     def generate(folder: str, cases: int, data_seed: int) -> list[Path]:
         return generate_segmentation_hospitals(

@@ -16,7 +16,7 @@ from training_plan import TrainingPlan
 if TYPE_CHECKING:
     import torch
 
-    from silo_client.data.dicom_dataset import Preprocessing
+    from silo_client.data.preprocessing import Preprocessing
     from silo_client.data.segmentation_dataset import VolumePreprocessing
 
 
@@ -68,7 +68,7 @@ def plan_preprocessing(plan: TrainingPlan) -> Preprocessing | VolumePreprocessin
         from silo_client.data.segmentation_dataset import VolumePreprocessing
 
         return VolumePreprocessing(**args)
-    from silo_client.data.dicom_dataset import Preprocessing
+    from silo_client.data.preprocessing import Preprocessing
 
     return Preprocessing(
         **args,
@@ -86,7 +86,7 @@ def load_local_data(home: SiloHome, plan: TrainingPlan, dataset: str | None = No
     """
     if plan.task == "segmentation":
         return _load_segmentation_data(home, plan, dataset)
-    from silo_client.data.dicom_dataset import build_dataset
+    from silo_client.data.dataset_builder import build_dataset
 
     dataset = dataset or plan.dataset
     folder = home.dataset_folder(dataset)

@@ -73,7 +73,7 @@ WARM_MODULES = (
     "silo_client.secure_round",
     "silo_client.training",
     "silo_client.scaffold",
-    "silo_client.data.dicom_dataset",
+    "silo_client.data.dataset_builder",
     "silo_client.data.segmentation_dataset",
     "silo_client.governance.bundle",
     "silo_client.governance.enforcement",

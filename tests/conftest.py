@@ -44,7 +44,7 @@ def _stop_round_reapers() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three tiny synthetic hospitals (real DICOM) shared by the session; do not modify."""
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     out = tmp_path_factory.mktemp("hospitals")
     generate_hospitals(out, hospitals=3, images_per_hospital=24, seed=7, image_size=32)

@@ -28,7 +28,7 @@ from training_plan import parse_plan
 
 @pytest.fixture(scope="module")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     out = tmp_path_factory.mktemp("sa-bounds-hospitals")
     specs = generate_hospitals(out, hospitals=4, images_per_hospital=20, seed=11, image_size=32)

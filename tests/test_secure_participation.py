@@ -34,7 +34,7 @@ LENIENT = {"require_signed_plans": False, "min_local_examples": 0}
 
 @pytest.fixture(scope="module")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     out = tmp_path_factory.mktemp("ledger-hospitals")
     specs = generate_hospitals(out, hospitals=4, images_per_hospital=12, seed=5, image_size=32)

@@ -6,7 +6,7 @@ A cache entry is keyed by (dataset version, preprocessing hash):
   under the DICOM folder plus the *content* of ``labels.csv``, so adding, removing, touching
   or rewriting a file, or editing a label, gives a new version without decoding any DICOM;
 * the preprocessing hash is supplied by the caller (see
-  :meth:`silo_client.data.dicom_dataset.Preprocessing.fingerprint`).
+  :meth:`silo_client.data.preprocessing.Preprocessing.fingerprint`).
 
 An entry is one ``.pt`` file (``torch.save`` of a dict of tensors and plain lists), written
 atomically (:func:`fedsilo_base.atomic_files.atomic_file`, mode 0600). A corrupt or foreign

@@ -2,7 +2,7 @@
 
 The catalogue says which files are usable and what their label is; this module decodes them
 (every frame of a multi-frame image becomes one item), preprocesses them exactly like
-:func:`silo_client.data.dicom_dataset.build_dataset`, and caches the tensors keyed by
+:func:`silo_client.data.dataset_builder.build_dataset`, and caches the tensors keyed by
 (catalogue version of the dataset, preprocessing hash).
 """
 
@@ -16,17 +16,16 @@ import torch
 
 from silo_client.data import cache as _cache
 from silo_client.data.catalogue import Catalogue
-from silo_client.data.dicom_dataset import (
+from silo_client.data.folder_scan import SkippedFile
+from silo_client.data.ingest import MARKER_FILE, load_frames
+from silo_client.data.local_dataset import (
     _CACHE_FIELDS,
     LocalDataset,
-    Preprocessing,
-    SkippedFile,
     _from_cache,
     finish_dataset,
-    preprocess_pixels,
     refuse_misfits,
 )
-from silo_client.data.ingest import MARKER_FILE, load_frames
+from silo_client.data.preprocessing import Preprocessing, preprocess_pixels
 from silo_client.errors import DataError
 
 __all__ = ["build_catalogued_dataset", "registered_catalogue"]

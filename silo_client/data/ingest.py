@@ -8,7 +8,7 @@ reason. Batches are committed as they go, so an interrupted ingest resumes where
 A registered dataset gets a managed folder ``<home>/datasets/<name>/`` holding a marker file
 (:data:`MARKER_FILE`) and, for PACS pulls, the retrieved files under ``dicom/``; the silo's
 ``silo.json`` maps the name to that folder, so ``SiloHome.dataset_folder(name)`` and the
-training loader (:func:`silo_client.data.dicom_dataset.build_dataset`) find it.
+training loader (:func:`silo_client.data.dataset_builder.build_dataset`) find it.
 """
 
 from __future__ import annotations

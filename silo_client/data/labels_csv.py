@@ -1,6 +1,6 @@
 """The one reader of a labels CSV (``KEY,label`` with a header), for every place that takes one.
 
-The folder loader (:mod:`silo_client.data.dicom_dataset`, keyed by StudyInstanceUID) and the
+The folder loader (:func:`read_study_labels`, keyed by StudyInstanceUID) and the
 catalogue ingest (:mod:`silo_client.data.ingest`, keyed by any of the catalogue's key tags,
 identifying IDs stored as digests) read the same format and check the same things; each passes
 how a cell becomes a stored key and the wording its users see (:class:`LabelFileWording`).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from silo_client.errors import DataError
 
-__all__ = ["LabelFileWording", "read_label_csv"]
+__all__ = ["LabelFileWording", "load_labels", "read_label_csv", "read_study_labels"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,34 @@ def read_label_csv(
             )
         out[stored] = (label, lineno)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# A plain dataset folder's labels.csv: one row per study
+
+_LABEL_COLUMNS = ("StudyInstanceUID", "label")
+
+_LABEL_WORDING = LabelFileWording(
+    create="create it with a header 'StudyInstanceUID,label' and one row per study",
+    fix_header="the header must be 'StudyInstanceUID,label'",
+    label_form="(use 0 = no lesion, 1 = lesion)",
+    row_unit="study",
+    name_duplicates=True,
+)
+
+
+def read_study_labels(csv_path: Path) -> dict[str, tuple[int, int]]:
+    """A dataset folder's ``labels.csv`` as StudyInstanceUID -> (label, line number)."""
+    return read_label_csv(
+        csv_path, key_column=_LABEL_COLUMNS[0], label_column=_LABEL_COLUMNS[1],
+        key=str.strip, wording=_LABEL_WORDING,
+    )  # fmt: skip
+
+
+def load_labels(csv_path: Path) -> dict[str, int]:
+    """Read ``labels.csv`` (columns ``StudyInstanceUID,label``) into {StudyInstanceUID: label}.
+
+    Raises DataError naming the file and line for: missing file, missing column, a short row,
+    an empty UID, a non-integer or negative label, a duplicated StudyInstanceUID.
+    """
+    return {uid: label for uid, (label, _) in read_study_labels(Path(csv_path)).items()}

@@ -98,7 +98,7 @@ class Supervisors:
 def consortium(tmp_path_factory: pytest.TempPathFactory):
     """Init a consortium, init+enroll+join three silos, start the SuperLink; yields a dict."""
     from fedsilo.flower_processes import free_port
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     root = tmp_path_factory.mktemp("consortium")
     generate_hospitals(root / "data", hospitals=3, images_per_hospital=20, image_size=32)

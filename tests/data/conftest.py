@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from silo_client.data.synthetic import HospitalSpec, generate_hospitals
+from fedsilo.synthetic import HospitalSpec, generate_hospitals
 
 SMALL = {"hospitals": 2, "images_per_hospital": 20, "seed": 7, "image_size": 32}
 

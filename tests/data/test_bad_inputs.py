@@ -10,12 +10,10 @@ import pydicom
 import pytest
 from pydicom.uid import BasicTextSRStorage
 
-from silo_client.data.dicom_dataset import (
-    Preprocessing,
-    build_dataset,
-    load_labels,
-    scan_dicom_folder,
-)
+from silo_client.data.dataset_builder import build_dataset
+from silo_client.data.folder_scan import scan_dicom_folder
+from silo_client.data.labels_csv import load_labels
+from silo_client.data.preprocessing import Preprocessing
 from silo_client.errors import DataError, SiloError
 
 PREP = Preprocessing(input_size=16)

@@ -12,7 +12,8 @@ import torch
 
 from silo_client.data import cache as cache_mod
 from silo_client.data.cache import CacheWarning
-from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+from silo_client.data.dataset_builder import build_dataset
+from silo_client.data.preprocessing import Preprocessing
 
 PREP = Preprocessing(input_size=16)
 

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from silo_client.cli import app, main
 from silo_client.data import ingest
 from silo_client.data.catalogue import Catalogue
-from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+from silo_client.data.dataset_builder import build_dataset
+from silo_client.data.preprocessing import Preprocessing
 from silo_client.home import SiloHome, init_silo_home
 from tests.data.dicom_factory import compressed, image_dataset, save, textured
 

@@ -22,14 +22,15 @@ from pydicom.pixels import convert_color_space
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 from typer.testing import CliRunner
 
+from fedsilo.synthetic import generate_colour_hospitals
 from silo_client.cli import app
 from silo_client.data.catalogue import Catalogue
 from silo_client.data.catalogued import build_catalogued_dataset
-from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+from silo_client.data.dataset_builder import build_dataset
 from silo_client.data.dicom_read import LibraryMessages, decode_failure
 from silo_client.data.ingest import INGEST_LOG, inspect_file, load_frames, register_dataset
 from silo_client.data.plan_fit import catalogue_fit_problem
-from silo_client.data.synthetic import generate_colour_hospitals
+from silo_client.data.preprocessing import Preprocessing
 from silo_client.errors import DataError
 from silo_client.home import SiloHome, init_silo_home
 from tests.data.dicom_factory import image_dataset, save, textured

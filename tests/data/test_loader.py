@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from silo_client.data.dicom_dataset import (
-    LocalDataset,
-    Preprocessing,
-    build_dataset,
-    load_labels,
-    scan_dicom_folder,
-)
+from silo_client.data.dataset_builder import build_dataset
+from silo_client.data.folder_scan import scan_dicom_folder
+from silo_client.data.labels_csv import load_labels
+from silo_client.data.local_dataset import LocalDataset
+from silo_client.data.preprocessing import Preprocessing
 from silo_client.errors import DataError
 
 
@@ -105,7 +103,7 @@ def test_missing_preamble_is_tolerated(tmp_path: Path, write_dicom) -> None:
 
 
 def test_split_is_deterministic_stratified_and_grouped(tmp_path: Path) -> None:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     generate_hospitals(tmp_path, hospitals=1, images_per_hospital=60, image_size=16, seed=2)
     data = build_dataset(tmp_path / "hospital-0", Preprocessing(16))

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from fedsilo.synthetic import write_nifti_mask, write_seg
 from silo_client.data.masks import (
     MaskError,
     MaskShapeError,
@@ -18,7 +19,6 @@ from silo_client.data.masks import (
     match_masks,
     nifti_series_uid,
 )
-from silo_client.data.synthetic import write_nifti_mask, write_seg
 from silo_client.data.volume import build_volume
 from silo_client.errors import DataError
 from tests.data import series_factory as sf

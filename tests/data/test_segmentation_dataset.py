@@ -16,16 +16,16 @@ import torch
 from pydicom.uid import BasicTextSRStorage
 from typer.testing import CliRunner
 
+from fedsilo.synthetic import (
+    generate_segmentation_hospitals,
+    make_segmentation_specs,
+    write_seg,
+)
 from silo_client.data.segmentation_dataset import (
     DEFAULT_WINDOW,
     SegmentationData,
     VolumePreprocessing,
     build_segmentation_dataset,
-)
-from silo_client.data.synthetic import (
-    generate_segmentation_hospitals,
-    make_segmentation_specs,
-    write_seg,
 )
 from silo_client.data.volume import read_series
 from silo_client.errors import DataError

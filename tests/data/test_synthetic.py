@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from silo_client.data.synthetic import (
+from fedsilo.synthetic import (
     HospitalSpec,
     generate_hospitals,
     generate_test_set,

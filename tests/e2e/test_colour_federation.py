@@ -15,8 +15,8 @@ from aggregator.artifacts import load_model, read_events
 from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
 from fedsilo.flower_processes import FlowerCluster
+from fedsilo.synthetic import generate_colour_hospitals, generate_hospitals
 from silo_client.data.ingest import register_dataset
-from silo_client.data.synthetic import generate_colour_hospitals, generate_hospitals
 from silo_client.home import SiloHome, init_silo_home
 from training_plan import parse_plan
 

@@ -15,7 +15,7 @@ from aggregator.artifacts import load_model, read_events
 from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
 from fedsilo.flower_processes import FlowerCluster
-from silo_client.data.synthetic import generate_hospitals
+from fedsilo.synthetic import generate_hospitals
 from silo_client.home import init_silo_home
 from training_plan import parse_plan
 

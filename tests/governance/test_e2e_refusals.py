@@ -89,7 +89,7 @@ def _audit_events(home: SiloHome) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     work = tmp_path_factory.mktemp("gov-e2e")
     specs = generate_hospitals(

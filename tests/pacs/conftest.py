@@ -171,7 +171,7 @@ def pacs_hospital(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) ->
     """A synthetic hospital (20 CT images) plus one SR, uploaded to Orthanc once."""
     from pydicom.uid import BasicTextSRStorage
 
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
     from tests.data.dicom_factory import image_dataset, save, textured
 
     root = tmp_path_factory.mktemp("pacs-data")

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from silo_client.cli import app, main
-from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+from silo_client.data.dataset_builder import build_dataset
+from silo_client.data.preprocessing import Preprocessing
 from silo_client.home import SiloHome, init_silo_home
 from tests.pacs.conftest import AET, OUR_AET, PASSWORD, USER, Orthanc, free_port
 from tests.required_tools import tool_missing
@@ -114,7 +115,7 @@ def big_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc
     image SOP class outside the usual CT/MR/CR set (VL photographic, modality XC)."""
     from pydicom.uid import VLPhotographicImageStorage
 
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
     from tests.data.dicom_factory import image_dataset, save, textured
     from tests.pacs.conftest import orthanc_missing, running_orthanc
 
@@ -193,8 +194,8 @@ def test_dicomweb_instance_gone_before_retrieval_is_named(tmp_path: Path, monkey
     the one-by-one retry gets 404; the rest is registered, the missing one named with why."""
     import requests
 
+    from fedsilo.synthetic import generate_hospitals
     from silo_client.data import pacs as pacs_module
-    from silo_client.data.synthetic import generate_hospitals
     from tests.pacs.conftest import orthanc_missing, running_orthanc
 
     if orthanc_missing():

@@ -49,7 +49,7 @@ def _mixed_files(root: Path) -> list[Path]:
         VLPhotographicImageStorage,
     )
 
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
     from tests.data.dicom_factory import compressed, image_dataset, save, textured
 
     generate_hospitals(root, hospitals=1, images_per_hospital=4, seed=7, image_size=16)

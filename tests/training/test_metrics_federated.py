@@ -39,7 +39,7 @@ def _record(plan) -> ArrayRecord:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     out = tmp_path_factory.mktemp("metrics-hospitals")
     specs = generate_hospitals(out, hospitals=3, images_per_hospital=24, seed=5, image_size=32)
@@ -78,7 +78,8 @@ def test_plain_and_secure_evaluation_give_the_same_metrics(
 def test_validation_and_test_splits_are_disjoint_and_test_is_held_out(
     folders: list[Path], tmp_path: Path
 ) -> None:
-    from silo_client.data.dicom_dataset import Preprocessing, build_dataset
+    from silo_client.data.dataset_builder import build_dataset
+    from silo_client.data.preprocessing import Preprocessing
     from silo_client.local_data import load_local_data
 
     plan = parse_plan(PLAIN)

@@ -57,7 +57,7 @@ def plan_text(
 @pytest.fixture(scope="module")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three hospitals of 24 images whose class balance differs strongly (label skew)."""
-    from silo_client.data.synthetic import generate_hospital, make_hospital_specs
+    from fedsilo.synthetic import generate_hospital, make_hospital_specs
 
     out = tmp_path_factory.mktemp("scaffold-hospitals")
     folders = []

@@ -113,7 +113,7 @@ def test_segmentation_training_is_reproducible_and_takes_fedprox_and_dice_ce() -
 def seg_hospitals(tmp_path: Path) -> list[Path]:
     """Three synthetic CT hospitals (real DICOM series, SEG and NIfTI masks), read by the
     silo's own volume loader."""
-    from silo_client.data.synthetic import generate_segmentation_hospitals
+    from fedsilo.synthetic import generate_segmentation_hospitals
 
     return generate_segmentation_hospitals(
         tmp_path / "hospitals", n_hospitals=3, cases_per_hospital=6, size=32, slices=(12, 16),

@@ -37,7 +37,7 @@ def with_strategy(base: str, name: str, args: str = "{}") -> str:
 
 @pytest.fixture(scope="module")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     out = tmp_path_factory.mktemp("strategy-hospitals")
     specs = generate_hospitals(out, hospitals=3, images_per_hospital=20, seed=5, image_size=32)

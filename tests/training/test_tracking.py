@@ -37,7 +37,7 @@ RUN = "tracked-run"
 
 @pytest.fixture(scope="module")
 def hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from silo_client.data.synthetic import generate_hospitals
+    from fedsilo.synthetic import generate_hospitals
 
     out = tmp_path_factory.mktemp("tracking-hospitals")
     specs = generate_hospitals(out, hospitals=3, images_per_hospital=16, seed=4, image_size=32)
