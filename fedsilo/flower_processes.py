@@ -60,6 +60,7 @@ FLOWER_DEFAULT_LATENCIES = {
     "FEDSILO_SUPERNODE_POLL_INTERVAL": "3",  # Flower 1.42 SuperNode idle sleep
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0",  # Flower 1.42 SuperExec default
     "FEDSILO_TASK_LAUNCH": "plain",  # one fresh interpreter per message, as flwr-clientapp
+    "FEDSILO_OBJECT_PULL_BACKOFF": "flower",  # Flower 1.42 pull_objects: 1 s, doubling to 10 s
 }
 """Environment that makes fedsilo's processes wait as Flower 1.42's defaults do."""
 

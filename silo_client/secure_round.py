@@ -357,7 +357,9 @@ def _stage(
             vector, weight, counters = _local_vector(home, plan, files, context, phase, round_)
             reply = client.mask(state, request, vector, weight, counters)
             # the reply time must not tell the server how long we trained (silo_client.reply_pacing)
-            hold_until_grid_point(started)
+            ratio = _pacing_ratio(home)
+            if ratio is not None:
+                hold_until_grid_point(started, ratio=ratio)
         elif stage == "consistency":
             _check_survivors(home, plan, context, request, run_id, round_, stage)
             reply = client.consistency(state, request)
@@ -389,6 +391,13 @@ def _timeout(home: SiloHome) -> float:
     from silo_client.governance.policy import load_policy
 
     return float(load_policy(home.root).secure_round_timeout_seconds)
+
+
+def _pacing_ratio(home: SiloHome) -> float | None:
+    """The site's reply-pacing ratio (policy ``reply_pacing_ratio``; None: no hold)."""
+    from silo_client.governance.policy import load_policy
+
+    return load_policy(home.root).reply_pacing_ratio
 
 
 def _check_participants(

@@ -147,21 +147,49 @@ def test_pull_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
             pull_intervals()
 
 
-def test_supernode_sleeps_are_capped_in_flowers_loop_module_only(
+def test_supernode_waits_are_paced_in_flowers_loop_module_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from flwr.supernode import start_client_internal as loop
 
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
-    assert supernode_launch.shorten_supernode_poll(0.2)
-    loop.time.sleep(3)  # the idle poll of Flower 1.42's main loop
-    loop.time.sleep(0.05)
-    assert slept == [0.2, 0.05]
+    monkeypatch.setattr(loop, "time", loop.time)  # both restored after the test
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)
+    pacer = supernode_launch.shorten_supernode_poll(0.2)
+    assert pacer is not None
+    for _ in range(9):
+        loop.time.sleep(3)  # Flower 1.42's idle poll: no message for this node
+    assert slept[:4] == pytest.approx([0.02, 0.03, 0.045, 0.0675])
+    assert slept[-1] == 0.2 and max(slept) == 0.2  # grows 1.5x per empty poll, up to the cap
+    slept.clear()
+    loop.time.sleep(0.5)  # Flower's wait for a reply in its own in-memory state
+    assert slept == [supernode_launch.LOCAL_WAIT]
     assert loop.time.monotonic is time.monotonic
     time.sleep(3)  # everyone else's time.sleep is untouched
     assert slept[-1] == 3
+
+
+def test_a_message_makes_the_supernode_poll_closely_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    slept: list[float] = []
+    answers = iter([None, None, None, 7, None])  # run 7's message arrives on the 4th poll
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(loop, "time", loop.time)
+    monkeypatch.setattr(loop, "_pull_and_store_message", lambda **kw: next(answers))
+    supernode_launch.shorten_supernode_poll(0.2)
+    for _ in range(5):
+        if loop._pull_and_store_message(state=None) is None:
+            loop.time.sleep(3)
+    assert slept == pytest.approx([0.02, 0.03, 0.045, 0.02])
+
+
+def test_flowers_own_waits_with_a_three_second_poll() -> None:
+    pacer = supernode_launch.Pacer(3.0)
+    assert [pacer.seconds(3), pacer.seconds(0.5), pacer.seconds(3)] == [3.0, 0.5, 3.0]
 
 
 def test_supernode_patch_is_skipped_on_another_flower(
@@ -169,9 +197,9 @@ def test_supernode_patch_is_skipped_on_another_flower(
 ) -> None:
     from flwr.supernode import start_client_internal as loop
 
-    before = loop.time
-    assert not supernode_launch.shorten_supernode_poll(0.2, version="1.44.0")
-    assert loop.time is before
+    before = loop.time, loop._pull_and_store_message
+    assert supernode_launch.shorten_supernode_poll(0.2, version="1.44.0") is None
+    assert (loop.time, loop._pull_and_store_message) == before
     assert "written for flwr 1.42.x, found 1.44.0" in capsys.readouterr().err
 
 
@@ -201,3 +229,69 @@ def test_cluster_runs_fedsilos_polls_unless_asked_for_flowers(tmp_path: Path) ->
     assert all(fast.get(k) == os.environ.get(k) for k in FLOWER_DEFAULT_LATENCIES)
     slow = FlowerCluster(tmp_path, tls, port=1, flower_defaults=True).env(tmp_path / "home")
     assert {k: slow[k] for k in FLOWER_DEFAULT_LATENCIES} == FLOWER_DEFAULT_LATENCIES
+
+
+@pytest.fixture
+def flower_pull_defaults():
+    """Flower's object-pull keyword defaults, restored after the test."""
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    functions = (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in functions]
+    yield functions
+    for function, defaults in zip(functions, saved, strict=True):
+        function.__kwdefaults__.clear()
+        function.__kwdefaults__.update(defaults)
+
+
+def test_object_pulls_retry_after_milliseconds_not_a_second(
+    flower_pull_defaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from secure_agg import flower
+
+    monkeypatch.delenv(flower.OBJECT_PULL_ENV, raising=False)
+    assert pulls.pull_objects.__kwdefaults__["initial_backoff"] == 1  # Flower 1.42's
+    assert flower.shorten_object_pull_backoff()
+    for function in flower_pull_defaults:
+        assert function.__kwdefaults__["initial_backoff"] == flower.OBJECT_PULL_FIRST_BACKOFF
+        assert function.__kwdefaults__["backoff_cap"] == flower.OBJECT_PULL_BACKOFF_CAP
+        assert function.__kwdefaults__["max_time"] == 7200  # Flower's overall bound is kept
+    # A real pull through Flower's own code: the object is still uploading for 3 tries.
+    tries = {"a": 0}
+
+    def pull(object_id: str) -> bytes:
+        tries[object_id] += 1
+        if tries[object_id] <= 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    waits: list[float] = []
+    real_wait = pulls.threading.Event.wait
+
+    def backoff_wait(self, timeout=None):  # the retry's early_stop.wait(sleep_time)
+        if timeout is None:  # the thread pool's own waits
+            return real_wait(self)
+        waits.append(timeout)
+        return real_wait(self, 0)
+
+    monkeypatch.setattr(pulls.threading.Event, "wait", backoff_wait)
+    assert pulls.pull_objects(["a"], pull) == {"a": b"content"}
+    assert tries["a"] == 4
+    assert len(waits) == 3 and max(waits) < 0.1  # 0.02, 0.04, 0.08 (+-20% jitter), not 1, 2, 4
+
+
+def test_object_pull_backoff_left_alone_when_asked_or_on_another_flower(
+    flower_pull_defaults, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from secure_agg import flower
+
+    before = [dict(f.__kwdefaults__) for f in flower_pull_defaults]
+    monkeypatch.setenv(flower.OBJECT_PULL_ENV, "flower")
+    assert not flower.shorten_object_pull_backoff()
+    monkeypatch.delenv(flower.OBJECT_PULL_ENV)
+    assert not flower.shorten_object_pull_backoff(version="1.44.0")
+    assert "written for flwr 1.42.x, found 1.44.0" in caplog.text
+    assert [dict(f.__kwdefaults__) for f in flower_pull_defaults] == before

@@ -156,6 +156,35 @@ def test_mask_replies_are_held_to_the_pacing_grid(
         assert target in grid and worked <= target
 
 
+@pytest.mark.parametrize("ratio", [None, 1.5])
+def test_the_site_policy_sets_or_turns_off_the_pacing(
+    ratio: float | None, hospitals: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from silo_client.governance.policy import SitePolicy, save_policy
+
+    held: list[dict] = []
+    monkeypatch.setattr(
+        secure_round, "hold_until_grid_point", lambda started, **kw: held.append(kw) or 0.0
+    )
+    homes = make_silos(tmp_path, hospitals[:3])
+    lenient = {"require_signed_plans": False, "secure_aggregation_required": False}
+    for home in homes:
+        policy = SitePolicy(min_local_examples=0, reply_pacing_ratio=ratio, **lenient)
+        save_policy(home.root, policy, actor="tests")
+    run = FederatedRun(parse_plan(SECURE), tmp_path / "run", "sa-pace-policy").run(grid_for(homes))
+    assert run.status == "done"
+    assert held == ([] if ratio is None else [{"ratio": ratio}] * 6)
+
+
+def test_a_pacing_ratio_of_one_or_less_is_refused_with_one_line(tmp_path: Path) -> None:
+    from silo_client.governance.policy import PolicyError, load_policy
+
+    (tmp_path / "policy.yaml").write_text("policy_version: 1\nreply_pacing_ratio: 1.0\n")
+    with pytest.raises(PolicyError, match="reply_pacing_ratio") as info:
+        load_policy(tmp_path)
+    assert "\n" not in str(info.value)
+
+
 def test_paced_seconds_is_the_next_grid_point() -> None:
     assert reply_pacing.paced_seconds(0.0, 0.5, 2.0) == 0.5
     assert reply_pacing.paced_seconds(0.5, 0.5, 2.0) == 0.5

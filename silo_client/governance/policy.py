@@ -16,6 +16,7 @@ Example::
     tolerated_colluders: 1          # silos that may collude with the server: sets the threshold
     min_contributors: 3             # fewest silos in any sum this silo contributes to
     secure_round_timeout_seconds: 3900   # a round idle this long is abandoned: secrets shredded
+    reply_pacing_ratio: 2.0         # hold masked replies to a 0.5 s x 2^k grid; null: send at once
     allow_score_histograms: true    # plans may ask for AUC (pooled per-class score histograms)
     privacy_required: false         # refuse plans without patient-level DP (a privacy section)
     privacy_max_epsilon: null       # per dataset, over all runs (silo privacy show); null: none
@@ -99,6 +100,17 @@ class SitePolicy(BaseModel):
         description=(
             "a secure round that has not advanced for this long is abandoned and its keys and "
             "shares are shredded (keep it above the server's longest stage wait, 3600 s)"
+        ),
+    )
+    reply_pacing_ratio: float | None = Field(
+        2.0,
+        ge=1.1,
+        le=16.0,
+        description=(
+            "hold each masked reply until the next point of the grid 0.5 s x ratio^k from the "
+            "start of local work: the server learns the training time (which grows with the "
+            "example count) only to within this factor, at a cost of up to (ratio - 1) x the "
+            "training time per round; null sends at once (silo_client/reply_pacing.py)"
         ),
     )
     allow_score_histograms: bool = Field(
