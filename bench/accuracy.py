@@ -80,7 +80,7 @@ class BenchConfig:
     difficulty: float = 0.55
     seed: int = 0
     threads: int = 2
-    widen_factor: float = 1.0  # MONAI ResNet's channel multiplier (< 1: a narrower resnet10)
+    widen_factor: float | None = None  # MONAI ResNet's channel multiplier (None: the demo plan's)
     every_round: bool = False  # score every round's models (curves in the JSON), not only final
     strategy: str = "fedavg"  # the federated arms' server strategy (no extra silo compute)
     strategy_args: dict[str, float] = field(default_factory=dict)
@@ -355,7 +355,7 @@ def prepare_classification(cfg: BenchConfig, work: Path) -> TaskSetup:
 
     demo_plan = load_plan(EXAMPLE_PLAN)
     model_args = dict(demo_plan.model.args)
-    if cfg.widen_factor != 1.0:
+    if cfg.widen_factor is not None:
         model_args["widen_factor"] = cfg.widen_factor
     plan = adjust_plan(
         demo_plan,
@@ -788,6 +788,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
         default=0.25,
         help="the DP arms' patient sampling rate per step (default 0.25)",
     )
+    parser.add_argument(
+        "--widen-factor",
+        type=float,
+        help="resnet10's channel multiplier (default: the demo plan's, 0.375; 1: the full "
+        "resnet10 of the earlier tables in docs/measurements.md)",
+    )
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="tiny budget: a smoke test")
     parser.add_argument(
@@ -801,7 +807,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None,
     settings: dict[str, Any] = dict(TASK_DEFAULTS[args.task])
     if args.quick:
         settings.update(QUICK[args.task])
-    for key in ("rounds", "local_epochs", "images_per_hospital", "batch_size"):
+    for key in ("rounds", "local_epochs", "images_per_hospital", "batch_size", "widen_factor"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.strategy is not None:
