@@ -120,8 +120,24 @@ _PROFILES: tuple[dict[str, object], ...] = (
 )
 
 
+class SpecMethods:
+    """What every synthetic hospital spec (grey CT, colour photographs) answers alike."""
+
+    n_images: int
+    positive_fraction: float
+
+    @property
+    def n_positive(self) -> int:
+        """Number of positive (lesion) images in this hospital."""
+        return round(self.n_images * self.positive_fraction)
+
+    def to_json(self) -> str:
+        """The spec as stable, sorted JSON (written next to the data as ``spec.json``)."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
 @dataclass(frozen=True)
-class HospitalSpec:
+class HospitalSpec(SpecMethods):
     """Parameters of one synthetic hospital: its data distribution and storage conventions."""
 
     name: str
@@ -149,15 +165,6 @@ class HospitalSpec:
     difficulty: float
     image_size: int
     seed: int
-
-    @property
-    def n_positive(self) -> int:
-        """Number of positive (lesion) images in this hospital."""
-        return round(self.n_images * self.positive_fraction)
-
-    def to_json(self) -> str:
-        """The spec as stable, sorted JSON (written next to the data as ``spec.json``)."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
 def lesion_contrast_hu(difficulty: float) -> float:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from pydicom.uid import (
     VLPhotographicImageStorage,
 )
 
-from fedsilo.synthetic.classification import _check_args
+from fedsilo.synthetic.classification import SpecMethods, _check_args
 from fedsilo.synthetic.dicom_writing import (
     _INSTITUTIONS,
     _draw_patient,
@@ -66,7 +65,7 @@ _BLUE_GREY = np.array([72.0, 80.0, 112.0])  # about the brown's luma: colour, no
 
 
 @dataclass(frozen=True)
-class ColourHospitalSpec:
+class ColourHospitalSpec(SpecMethods):
     """Parameters of one synthetic hospital of colour skin-lesion photographs."""
 
     name: str
@@ -82,15 +81,6 @@ class ColourHospitalSpec:
     noise_sigma: float
     image_size: int
     seed: int
-
-    @property
-    def n_positive(self) -> int:
-        """Number of positive (suspicious lesion) images."""
-        return round(self.n_images * self.positive_fraction)
-
-    def to_json(self) -> str:
-        """The spec as stable, sorted JSON (written next to the data as ``spec.json``)."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
 
 def make_colour_specs(

@@ -5,20 +5,16 @@ do not fit the plan and which refuses it at the gate, with the reason, before lo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from aggregator.artifacts import load_model, read_events
-from aggregator.control import write_flower_app
-from aggregator.pki import make_tls
-from fedsilo.flower_processes import FlowerCluster
+from aggregator.artifacts import load_model
 from fedsilo.synthetic import generate_colour_hospitals, generate_hospitals
 from silo_client.data.ingest import register_dataset
 from silo_client.home import SiloHome, init_silo_home
-from training_plan import parse_plan
+from tests.e2e.cluster import govern, running_plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -33,10 +29,6 @@ PLAN = (
 
 
 def _prepare_silos(tmp_path: Path) -> list[SiloHome]:
-    from fedsilo.local_consortium import pin_roster
-    from silo_client.governance.approvals import approve_plan
-    from silo_client.governance.policy import SitePolicy, save_policy
-
     generate_colour_hospitals(
         tmp_path / "colour", hospitals=3, images_per_hospital=16, seed=2, image_size=32
     )
@@ -52,45 +44,15 @@ def _prepare_silos(tmp_path: Path) -> list[SiloHome]:
             files_root=source / "dicom", labels_csv=source / "labels.csv",
         )  # fmt: skip
         homes.append(SiloHome.open(home.root))
-    pin_roster(homes)
-    plan = parse_plan(PLAN)
-    for home in homes:
-        save_policy(
-            home.root, SitePolicy(require_signed_plans=False, min_local_examples=0), actor="test IT"
-        )
-        approve_plan(home.root, plan, actor="test IT")
+    govern(homes, PLAN)
     return homes
-
-
-def _wait_for_end(events_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(e["event"] in ("run-finished", "run-failed") for e in read_events(events_path)):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for the end of the run")
 
 
 def test_colour_plan_trains_through_secure_aggregation(tmp_path: Path) -> None:
     homes = _prepare_silos(tmp_path)
-    plan_path = tmp_path / "plan.yaml"
-    plan_path.write_text(PLAN)
-    tls = make_tls(tmp_path / "tls", "colour-test", ["127.0.0.1"])
-    out = tmp_path / "run"
-    with FlowerCluster(tmp_path / "cluster", tls) as cluster:
-        cluster.start_superlink()
-        for home in homes:
-            cluster.start_supernode(home.name, {"home": str(home.root)})
-        app_dir = write_flower_app(
-            tmp_path / "app", {"plan-path": "", "out-dir": "", "run-id": "", "stage-timeout": 0}
-        )
-        cluster.submit(
-            app_dir,
-            {"plan-path": str(plan_path), "out-dir": str(out), "run-id": "colour",
-             "stage-timeout": 60},
-        )  # fmt: skip
-        _wait_for_end(out / "events.jsonl", 900)
-    events = read_events(out / "events.jsonl")
+    with running_plan(tmp_path, homes, PLAN, "colour") as run:
+        events = run.wait_for_end(900)
+        out = run.out
     kinds = [e["event"] for e in events]
     assert "run-finished" in kinds, events[-1]
     rounds = [e for e in events if e["event"] == "round-finished"]
