@@ -136,9 +136,14 @@ def codec_settings(plan: TrainingPlan) -> dict[str, Any]:
 # ------------------------------------------------------------------------ one exchange
 PULL_INTERVAL_ENV = "FEDSILO_GRID_PULL_INTERVAL"
 """Environment variable: a fixed pull interval in seconds (``3`` reproduces Flower 1.42's
-``Grid.send_and_receive``); unset, pulls back off from 0.02 s to 0.25 s while nothing arrives."""
+``Grid.send_and_receive``); unset, pulls back off from 0.02 s to 0.1 s for the first 3 s after
+the push, then to 0.25 s, while nothing arrives."""
 FIRST_PULL_INTERVAL = 0.02
 LONGEST_PULL_INTERVAL = 0.25
+EARLY_PULL_INTERVAL = 0.1
+EARLY_PULL_SECONDS = 3.0
+"""For this long after the push (when the replies of a stage without training arrive) pulls are
+at most :data:`EARLY_PULL_INTERVAL` apart; later ones back off to :data:`LONGEST_PULL_INTERVAL`."""
 
 
 def pull_intervals() -> tuple[float, float]:
@@ -247,8 +252,10 @@ def send_and_receive(
     if not (pulls_every_three_seconds(grid) if own_loop is None else own_loop):
         return list(grid.send_and_receive(messages, timeout=timeout))
     first, longest = pull_intervals()
+    early = min(longest, max(first, EARLY_PULL_INTERVAL))  # a fixed interval stays fixed
     waiting = {i for i in grid.push_messages(messages) if i is not None}
-    deadline = None if timeout is None else time.monotonic() + timeout
+    pushed = time.monotonic()
+    deadline = None if timeout is None else pushed + timeout
     replies: list[Message] = []
     interval = first
     unavailable: dict[str, int] = {}
@@ -267,7 +274,8 @@ def send_and_receive(
         waiting.difference_update(m.metadata.reply_to_message_id for m in got)
         if not waiting:
             break
-        interval = first if got else min(longest, interval * 1.5)
+        cap = early if time.monotonic() - pushed < EARLY_PULL_SECONDS else longest
+        interval = first if got else min(cap, interval * 1.5)
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -78,6 +78,30 @@ def test_all_replies_arrive_and_only_missing_ones_are_pulled_again() -> None:
     assert [len(ids) for ids in grid.asked] == [3, 2, 2, 2, 1, 1, 1]
 
 
+def test_pulls_stay_close_while_replies_are_due_then_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from secure_agg import flower
+
+    clock = {"now": 0.0}
+    slept: list[tuple[float, float]] = []  # (when, how long)
+
+    def sleep(seconds: float) -> None:
+        slept.append((clock["now"], seconds))
+        clock["now"] += seconds
+
+    monkeypatch.setattr(flower.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(flower.time, "sleep", sleep)
+    monkeypatch.delenv(PULL_INTERVAL_ENV, raising=False)
+    grid = _grid([1], ready_after={1: 60})  # node 1 answers on the 61st pull (a long training)
+    replies = send_and_receive(grid, _messages(grid, [1]), timeout=600, own_loop=True)
+    assert [r.metadata.src_node_id for r in replies] == [1]
+    early = [s for when, s in slept if when < flower.EARLY_PULL_SECONDS]
+    late = [s for when, s in slept if when >= flower.EARLY_PULL_SECONDS + 1]
+    assert early[0] < 0.05 and max(early) == flower.EARLY_PULL_INTERVAL
+    assert late and set(late) == {flower.LONGEST_PULL_INTERVAL}
+
+
 def test_a_silent_node_ends_at_the_deadline_with_the_replies_that_came() -> None:
     grid = _grid([1, 2], ready_after={2: 10**9})
     started = time.monotonic()
