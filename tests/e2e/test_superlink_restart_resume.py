@@ -17,7 +17,7 @@ from aggregator.control import write_flower_app
 from aggregator.pki import make_tls
 from fedsilo.flower_processes import FlowerCluster
 from fedsilo_base.process_tree import superexec_helpers
-from tests.e2e.test_secure_dropout import _prepare_silos, _wait_for
+from tests.e2e.cluster import govern, grey_silos, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,7 +51,9 @@ def _descendants(pid: int) -> list[int]:
 
 
 def test_superlink_killed_then_run_resumed(tmp_path: Path) -> None:
-    homes = _prepare_silos(tmp_path, PLAN)[:3]
+    homes = grey_silos(tmp_path, 4)
+    govern(homes, PLAN)
+    homes = homes[:3]  # a roster of four; three take part
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "plan.yaml").write_text(PLAN)
@@ -67,7 +69,7 @@ def test_superlink_killed_then_run_resumed(tmp_path: Path) -> None:
             {"plan-path": str(run_dir / "plan.yaml"), "out-dir": str(run_dir), "run-id": "rs"},
         )
         events_path = run_dir / "events.jsonl"
-        _wait_for(
+        wait_for(
             lambda: any(e["event"] == "round-finished" for e in read_events(events_path)),
             400,
             "round 1",
@@ -102,7 +104,7 @@ def test_superlink_killed_then_run_resumed(tmp_path: Path) -> None:
         )
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert "resumes at round 2" in resumed.stdout
-        _wait_for(
+        wait_for(
             lambda: any(
                 e["event"] in ("run-finished", "run-failed") for e in read_events(events_path)
             ),
