@@ -386,10 +386,18 @@ def _print_table(console, rows: list[dict], local_final: dict, summary: dict) ->
     from rich.columns import Columns
 
     console.print(Columns([table, side]))
-    verdict = "above" if summary["federated_beats_mean_local"] else "NOT above"
+    if summary["federated_beats_every_local"]:
+        verdict = f"above every hospital alone (best {max(local_final.values()):.3f})"
+    elif summary["federated_beats_mean_local"]:
+        verdict = (
+            f"above the mean local-only AUC {summary['mean_local_only_auc']:.3f}, "
+            f"NOT above every hospital alone (best {max(local_final.values()):.3f})"
+        )
+    else:
+        verdict = f"NOT above the mean local-only AUC {summary['mean_local_only_auc']:.3f}"
     console.print(
-        f"Federated AUC {summary['federated_auc']:.3f} is {verdict} the mean local-only AUC "
-        f"{summary['mean_local_only_auc']:.3f}. Wall time {summary['wall_seconds']:.0f} s."
+        f"Federated AUC {summary['federated_auc']:.3f} is {verdict}. "
+        f"Wall time {summary['wall_seconds']:.0f} s."
     )
 
 
