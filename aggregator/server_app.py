@@ -36,14 +36,14 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from secure_agg.flower import shorten_object_pull_backoff
 
-    shorten_object_pull_backoff()  # replies' objects are pulled again after 0.02 s, not 1 s
     config = context.run_config
     plan_path = str(config.get("plan-path", ""))
     out_dir = Path(str(config.get("out-dir", "") or "fedsilo-run"))
     run_id = str(config.get("run-id", "") or uuid.uuid4().hex[:12])
     try:
+        shorten_object_pull_backoff()  # replies' objects are pulled again after 0.02 s, not 1 s
         plan = load_plan(plan_path)
-    except PlanError as exc:
+    except (PlanError, ValueError) as exc:
         EventLog(out_dir / "events.jsonl").write("run-failed", reason=str(exc))
         log.error("run %s stopped: %s", run_id, exc)
         raise SystemExit(1) from None

@@ -166,7 +166,8 @@ def pull_intervals() -> tuple[float, float]:
 # ------------------------------------------------------------------------ object pulls
 OBJECT_PULL_ENV = "FEDSILO_OBJECT_PULL_BACKOFF"
 """Environment variable: ``flower`` keeps Flower 1.42's object-pull backoff (1 s, doubling to
-10 s) in this process; unset, :func:`shorten_object_pull_backoff` applies fedsilo's."""
+10 s) in this process; unset or ``fedsilo``, :func:`shorten_object_pull_backoff` applies
+fedsilo's; anything else is refused (:func:`object_pull_mode`)."""
 OBJECT_PULL_WRITTEN_FOR = "1.42."
 """Flower release series whose ``flwr.supercore.inflatable.inflatable_utils`` was read."""
 OBJECT_PULL_FIRST_BACKOFF = 0.02
@@ -174,6 +175,18 @@ OBJECT_PULL_BACKOFF_CAP = 0.5
 OBJECT_PULL_MAX_TRIES = 10_000
 """With the 0.5 s cap, about 83 minutes of retries per object: the same order as Flower's own
 500 tries at up to 10 s; Flower's 2-hour ``max_time`` bound still applies on top."""
+
+
+def object_pull_mode() -> str:
+    """``fedsilo`` or ``flower``, from :data:`OBJECT_PULL_ENV` (ValueError, one line, otherwise)."""
+    raw = os.environ.get(OBJECT_PULL_ENV, "").strip()
+    mode = raw.lower() or "fedsilo"
+    if mode not in ("fedsilo", "flower"):
+        raise ValueError(
+            f"{OBJECT_PULL_ENV}={raw!r} is neither 'fedsilo' nor 'flower'; unset it for "
+            "fedsilo's default"
+        )
+    return mode
 
 
 def shorten_object_pull_backoff(version: str | None = None) -> bool:
@@ -191,7 +204,7 @@ def shorten_object_pull_backoff(version: str | None = None) -> bool:
     a Flower other than :data:`OBJECT_PULL_WRITTEN_FOR` or when :data:`OBJECT_PULL_ENV` is
     ``flower``.
     """
-    if os.environ.get(OBJECT_PULL_ENV, "").strip().lower() == "flower":
+    if object_pull_mode() == "flower":
         return False
     from flwr.supercore.inflatable import inflatable_utils as pulls
     from flwr.supercore.version import package_version

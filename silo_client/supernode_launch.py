@@ -127,14 +127,15 @@ def shorten_supernode_poll(cap: float, version: str | None = None) -> Pacer | No
 
 def main() -> int:
     """Run ``flower-supernode`` (arguments as given) with fedsilo's waits."""
+    from secure_agg.flower import object_pull_mode, shorten_object_pull_backoff
+
     try:
         cap = poll_interval()
-    except SupernodeLaunchError as exc:
+        object_pull_mode()
+    except (SupernodeLaunchError, ValueError) as exc:
         print(f"fedsilo: {exc}", file=sys.stderr)
         return 2
     shorten_supernode_poll(cap)
-    from secure_agg.flower import shorten_object_pull_backoff
-
     shorten_object_pull_backoff()  # a message's objects are pulled again after 0.02 s, not 1 s
     from flwr.supernode.cli import flower_supernode
 

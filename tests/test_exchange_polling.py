@@ -244,6 +244,23 @@ def test_a_bad_supernode_poll_setting_stops_with_one_line() -> None:
     ]
 
 
+def test_a_bad_object_pull_setting_stops_the_supernode_with_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "silo_client.supernode_launch", "--help"],
+        env={"FEDSILO_OBJECT_PULL_BACKOFF": "flwr", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fedsilo: FEDSILO_OBJECT_PULL_BACKOFF='flwr' is neither 'fedsilo' nor 'flower'; unset it "
+        "for fedsilo's default"
+    ]
+
+
 def test_cluster_runs_fedsilos_polls_unless_asked_for_flowers(tmp_path: Path) -> None:
     from aggregator.pki import TlsFiles
     from fedsilo.flower_processes import FLOWER_DEFAULT_LATENCIES, FlowerCluster
@@ -317,5 +334,32 @@ def test_object_pull_backoff_left_alone_when_asked_or_on_another_flower(
     assert not flower.shorten_object_pull_backoff()
     monkeypatch.delenv(flower.OBJECT_PULL_ENV)
     assert not flower.shorten_object_pull_backoff(version="1.44.0")
+    monkeypatch.setenv(flower.OBJECT_PULL_ENV, "sometimes")
+    with pytest.raises(ValueError, match="neither 'fedsilo' nor 'flower'"):
+        flower.shorten_object_pull_backoff()
     assert "written for flwr 1.42.x, found 1.44.0" in caplog.text
     assert [dict(f.__kwdefaults__) for f in flower_pull_defaults] == before
+
+
+def test_a_bad_object_pull_setting_fails_the_run_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.app import Context
+
+    from aggregator import server_app
+    from aggregator.artifacts import read_events
+    from secure_agg.flower import OBJECT_PULL_ENV
+
+    monkeypatch.setenv(OBJECT_PULL_ENV, "sometimes")
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={"plan-path": str(tmp_path / "plan.yaml"), "out-dir": str(tmp_path / "run")},
+    )
+    with pytest.raises(SystemExit):
+        server_app.main(None, context)
+    (event,) = read_events(tmp_path / "run" / "events.jsonl")
+    assert event["event"] == "run-failed"
+    assert event["reason"].startswith(f"{OBJECT_PULL_ENV}='sometimes' is neither")
