@@ -227,10 +227,21 @@ def test_supernode_patch_is_skipped_on_another_flower(
     assert "written for flwr 1.42.x, found 1.44.0" in capsys.readouterr().err
 
 
-def test_a_bad_supernode_poll_setting_stops_with_one_line() -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        (
+            "FEDSILO_SUPERNODE_POLL_INTERVAL",
+            "often",
+            "is not a number of seconds between 0.01 and 60",
+        ),
+        ("FEDSILO_OBJECT_PULL_BACKOFF", "flwr", "is neither 'fedsilo' nor 'flower'"),
+    ],
+)
+def test_a_bad_supernode_setting_stops_with_one_line(variable: str, value: str, line: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "silo_client.supernode_launch", "--help"],
-        env={"FEDSILO_SUPERNODE_POLL_INTERVAL": "often", "PATH": "/usr/bin:/bin"},
+        env={variable: value, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -239,25 +250,7 @@ def test_a_bad_supernode_poll_setting_stops_with_one_line() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "fedsilo: FEDSILO_SUPERNODE_POLL_INTERVAL='often' is not a number of seconds between "
-        "0.01 and 60; unset it for fedsilo's default"
-    ]
-
-
-def test_a_bad_object_pull_setting_stops_the_supernode_with_one_line() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "silo_client.supernode_launch", "--help"],
-        env={"FEDSILO_OBJECT_PULL_BACKOFF": "flwr", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "fedsilo: FEDSILO_OBJECT_PULL_BACKOFF='flwr' is neither 'fedsilo' nor 'flower'; unset it "
-        "for fedsilo's default"
+        f"fedsilo: {variable}={value!r} {line}; unset it for fedsilo's default"
     ]
 
 
