@@ -196,8 +196,8 @@ def shorten_object_pull_backoff(version: str | None = None) -> bool:
     pulls a message (the SuperNode from the SuperLink, the ClientApp task from the SuperNode, the
     ServerApp's grid from the SuperLink) usually gets it while its sender is still uploading the
     objects; ``pull_objects`` then waits ``initial_backoff = 1`` s (doubling, cap 10 s) before
-    asking again. Measured on a 3-silo secure round, that cost about one second at most of the
-    six exchanges. This changes only the keyword defaults of the two pull functions in this
+    asking again. Traced on a 3-silo secure round, that cost about a second in most of the six
+    exchanges. This changes only the keyword defaults of the two pull functions in this
     process (``pull_objects`` and ``pull_and_inflate_object_from_tree``, which every caller in
     Flower uses without passing its own); the total retry time stays bounded
     (:data:`OBJECT_PULL_MAX_TRIES`, Flower's ``max_time``). Returns False, changing nothing, on
