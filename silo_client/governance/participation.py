@@ -284,18 +284,23 @@ class ParticipationLedger:
     def _refuse(
         self, done: Contribution, run_id: str, round_: int, stage: str, reason: str
     ) -> ParticipationRefused:
-        audit(
+        return _audited_refusal(
             self.root,
-            "participation-refused",
+            reason,
             context=done.context,
             plan_hash=done.plan_hash,
             phase=done.phase,
             run_id=run_id,
             round=round_,
             stage=stage,
-            reason=reason,
         )
-        return ParticipationRefused(reason)
+
+
+def _audited_refusal(root: Path, reason: str, **where: object) -> ParticipationRefused:
+    """Record a ``participation-refused`` audit entry (``where`` first, then the reason) and
+    return the exception to raise."""
+    audit(root, "participation-refused", **where, reason=reason)
+    return ParticipationRefused(reason)
 
 
 def refuse_small_round(
@@ -317,16 +322,9 @@ def refuse_small_round(
         f"{count} {what}, this site contributes only to sums over at least {minimum} silos "
         f"(the plan's min_silos and the site policy's min_contributors / tolerated_colluders)"
     )
-    audit(
-        root,
-        "participation-refused",
-        plan_hash=plan_hash,
-        run_id=run_id,
-        round=round_,
-        stage=stage,
-        reason=reason,
+    raise _audited_refusal(
+        root, reason, plan_hash=plan_hash, run_id=run_id, round=round_, stage=stage
     )
-    raise ParticipationRefused(reason)
 
 
 def refuse_low_threshold(
@@ -347,13 +345,6 @@ def refuse_low_threshold(
         f"threshold {threshold} for {n} silos: this site tolerates {colluders} colluding "
         f"silo(s), which needs a threshold of at least {minimum} (2t - n > colluders)"
     )
-    audit(
-        root,
-        "participation-refused",
-        plan_hash=plan_hash,
-        run_id=run_id,
-        round=round_,
-        stage="advertise",
-        reason=reason,
+    raise _audited_refusal(
+        root, reason, plan_hash=plan_hash, run_id=run_id, round=round_, stage="advertise"
     )
-    raise ParticipationRefused(reason)
