@@ -1,17 +1,22 @@
 """Latency of a secure round through real Flower processes: Flower 1.42's defaults vs fedsilo's.
 
-    python bench/round_latency.py [--hospitals 3] [--rounds 2] [--out DIR]
+    python bench/round_latency.py [--hospitals 3] [--rounds 2] [--modes MODE,...]
 
 Runs the same tiny-model secure run (resnet10 at a quarter width, 32x32, 16 images per hospital,
-one local epoch, secure aggregation on) twice through a real TLS SuperLink and one SuperNode +
-silo runner per hospital on 127.0.0.1:
+one local epoch, secure aggregation on) through a real TLS SuperLink and one SuperNode + silo
+runner per hospital on 127.0.0.1, once per mode:
 
 - ``flower``: Flower 1.42's own latencies: ``Grid.send_and_receive``'s 3 s pull interval, the
   SuperNode's 3 s idle poll, the SuperExec's 1 s task poll, a fresh interpreter per message
-  (``FlowerCluster(flower_defaults=True)``);
+  (``FlowerCluster(flower_defaults=True)``); the SuperLink keeps its state in memory (Flower's
+  default);
 - ``fedsilo``: the short pulls (secure_agg.flower.send_and_receive), the SuperNode launched with
   a short poll (silo_client/supernode_launch.py), the runner's 0.1 s task poll and tasks forked
-  from its pre-warmed worker (silo_client/task_worker.py).
+  from its pre-warmed worker (silo_client/task_worker.py); SuperLink state in memory, as in
+  ``fedsilo demo``;
+- ``fedsilo-sqlite``: the same, with the SuperLink's persistent SQLite state
+  (``--database FILE``), as ``aggregator start`` runs the consortium's SuperLink so that it
+  survives a restart: the price of persistence, per exchange.
 
 Printed per mode and round: the six exchanges of the secure train phase (hello, advertise, share,
 mask, consistency, unmask; server-side wall time of each), the local training time (the slowest
@@ -48,6 +53,7 @@ secure_aggregation: {{max_weight: 40}}
 """
 
 
+MODES = ("flower", "fedsilo", "fedsilo-sqlite")
 STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
 
 
@@ -72,7 +78,7 @@ def _mask_seconds(home: Path) -> list[tuple[float, float]]:
 
 
 def run_mode(mode: str, work: Path, hospitals: int, rounds: int) -> list[dict]:
-    """One secure run in ``mode`` (``flower`` or ``fedsilo``); one dict of figures per round."""
+    """One secure run in ``mode`` (see :data:`MODES`); one dict of figures per round."""
     from aggregator.artifacts import read_events
     from aggregator.control import write_flower_app
     from aggregator.pki import make_tls
@@ -98,7 +104,8 @@ def run_mode(mode: str, work: Path, hospitals: int, rounds: int) -> list[dict]:
     approve_everywhere(homes, [plan], work)
     tls = make_tls(work / "tls", "latency-bench", ["127.0.0.1", "localhost"])
     out = work / "run"
-    with FlowerCluster(work, tls, flower_defaults=mode == "flower") as cluster:
+    database = work / "superlink.db" if mode == "fedsilo-sqlite" else None
+    with FlowerCluster(work, tls, flower_defaults=mode == "flower", database=database) as cluster:
         cluster.start_superlink()
         for home in homes:
             cluster.start_supernode(home.name, {"home": str(home.root)})
@@ -150,24 +157,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--modes", default="flower,fedsilo", help="comma-separated, in order")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, in order, of {', '.join(MODES)}"
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedsilo-round-latency"))
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     load_before = os.getloadavg()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     rows = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         started = time.monotonic()
         rows += run_mode(mode, args.out / mode, args.hospitals, args.rounds)
         print(f"{mode}: whole run (start-up included) {time.monotonic() - started:.1f} s")
     load_after = os.getloadavg()
-    header = f"{'mode':8} {'round':>5} " + " ".join(f"{s[:7]:>7}" for s in STAGES)
+    header = f"{'mode':14} {'round':>5} " + " ".join(f"{s[:7]:>7}" for s in STAGES)
     header += f" {'train':>6} {'hold':>5} {'round':>6} {'per-exch':>8} {'overhead':>8}"
     header += f" {'w/o hold':>8}"
     print(header)
     for row in rows:
         print(
-            f"{row['mode']:8} {row['round']:>5} "
+            f"{row['mode']:14} {row['round']:>5} "
             + " ".join(f"{row['stages'][s]:7.2f}" for s in STAGES)
             + f" {row['local_training_seconds']:6.2f} {row['pacing_hold_seconds']:5.2f}"
             + f" {row['round_seconds']:6.2f} {row['per_exchange_overhead']:8.2f}"

@@ -85,6 +85,10 @@ class ManagedProcess:
             return ""
 
 
+FLOWER_IN_MEMORY_STATE = ":flwr-in-memory:"
+"""``flower-superlink --database`` value of Flower's in-memory state (its default in 1.42)."""
+
+
 @dataclass
 class FlowerCluster:
     """A SuperLink with TLS and some SuperNodes on 127.0.0.1, all stopped together."""
@@ -95,6 +99,12 @@ class FlowerCluster:
     processes: list[ManagedProcess] = field(default_factory=list)
     enable_node_auth: bool = False
     database: Path | None = None
+    """The SuperLink's state. None (the default, and Flower's own): in memory, the fast state
+    for anything whose SuperLink never restarts (the demo, the benches, most tests). A path:
+    Flower's persistent SQLite state, as ``aggregator start`` runs the consortium's SuperLink, so
+    that a restarted SuperLink still knows its runs and nodes; every Fleet and ServerApp request
+    then runs SQLAlchemy queries, which made each exchange of a secure round about 0.25 s slower
+    on 2 cores (docs/measurements.md)."""
     flower_defaults: bool = False
     """Run with Flower 1.42's own latencies (3 s SuperNode and ServerApp polls, 1 s SuperExec
     poll, a fresh interpreter per task) instead of fedsilo's: for bench/round_latency.py."""
@@ -153,7 +163,7 @@ class FlowerCluster:
                 str(self.port),
                 "--disable-runtime-dependency-installation",
                 "--database",
-                str(self.database or self.workdir / "superlink.db"),
+                str(self.database) if self.database else FLOWER_IN_MEMORY_STATE,
                 *(["--enable-supernode-auth"] if self.enable_node_auth else []),
             ],
             self.workdir / "flwr-home" / "superlink",

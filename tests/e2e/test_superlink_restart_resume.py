@@ -58,7 +58,9 @@ def test_superlink_killed_then_run_resumed(tmp_path: Path) -> None:
     run_dir.mkdir()
     (run_dir / "plan.yaml").write_text(PLAN)
     tls = make_tls(tmp_path / "tls", "restart-test", ["127.0.0.1"])
-    with FlowerCluster(tmp_path / "cluster", tls) as cluster:
+    # the persistent state the consortium's SuperLink runs with: the restart must find the run
+    database = tmp_path / "cluster" / "superlink.db"
+    with FlowerCluster(tmp_path / "cluster", tls, database=database) as cluster:
         superlink = cluster.start_superlink()
         supernodes = [cluster.start_supernode(h.name, {"home": str(h.root)}) for h in homes]
         app_dir = write_flower_app(
