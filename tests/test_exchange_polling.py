@@ -265,6 +265,41 @@ def test_cluster_runs_fedsilos_polls_unless_asked_for_flowers(tmp_path: Path) ->
     assert {k: slow[k] for k in FLOWER_DEFAULT_LATENCIES} == FLOWER_DEFAULT_LATENCIES
 
 
+def test_superlink_state_in_memory_unless_a_database_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's and benches' SuperLink keeps Flower's in-memory state (its SQLite state made
+    every exchange ~0.25 s slower); a cluster given a database (restart tests) persists."""
+    import socket
+
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from aggregator.pki import TlsFiles
+    from fedsilo.flower_processes import FLOWER_IN_MEMORY_STATE, FlowerCluster
+
+    # Flower's own name for it: another name would make flower-superlink open a FILE so named
+    assert FLOWER_IN_MEMORY_STATE == FLWR_IN_MEMORY_DB_NAME
+    tls = TlsFiles(*(tmp_path / n for n in ("ca", "cert", "key")))
+    seen: list[str] = []
+
+    class Running:
+        def alive(self) -> bool:
+            return True
+
+    def start(self, name: str, args: list[str], home: Path) -> Running:
+        seen.append(args[args.index("--database") + 1])
+        return Running()
+
+    monkeypatch.setattr(FlowerCluster, "_start", start)
+    with socket.socket() as listener:  # stands in for the SuperLink's port
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        for database in (None, tmp_path / "s.db"):
+            FlowerCluster(tmp_path, tls, port=port, database=database).start_superlink(timeout=5)
+    assert seen == [FLOWER_IN_MEMORY_STATE, str(tmp_path / "s.db")]
+
+
 @pytest.fixture
 def flower_pull_defaults():
     """Flower's object-pull keyword defaults, restored after the test."""
