@@ -77,8 +77,13 @@ def _mask_seconds(home: Path) -> list[tuple[float, float]]:
     return [(t - r, a) for r, t, a in zip(received, trained, answered, strict=False)]
 
 
-def run_mode(mode: str, work: Path, hospitals: int, rounds: int) -> list[dict]:
-    """One secure run in ``mode`` (see :data:`MODES`); one dict of figures per round."""
+def run_mode(
+    mode: str, work: Path, hospitals: int, rounds: int, pacing: str = "policy"
+) -> list[dict]:
+    """One secure run in ``mode`` (see :data:`MODES`); one dict of figures per round.
+
+    ``pacing``: ``policy`` leaves the sites' default reply pacing; ``off`` or a ratio sets every
+    site's ``reply_pacing_ratio`` (silo_client/reply_pacing.py) for this run."""
     from aggregator.artifacts import read_events
     from aggregator.control import write_flower_app
     from aggregator.pki import make_tls
@@ -102,6 +107,13 @@ def run_mode(mode: str, work: Path, hospitals: int, rounds: int) -> list[dict]:
     plan = parse_plan(text)
     (work / "plan.yaml").write_text(text)
     approve_everywhere(homes, [plan], work)
+    if pacing != "policy":
+        from silo_client.governance.policy import load_policy, save_policy
+
+        ratio = None if pacing == "off" else float(pacing)
+        for home in homes:  # after approve_everywhere, which writes the policy
+            policy = load_policy(home.root).model_copy(update={"reply_pacing_ratio": ratio})
+            save_policy(home.root, policy, actor="bench/round_latency.py")
     tls = make_tls(work / "tls", "latency-bench", ["127.0.0.1", "localhost"])
     out = work / "run"
     database = work / "superlink.db" if mode == "fedsilo-sqlite" else None
@@ -160,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, in order, of {', '.join(MODES)}"
     )
+    parser.add_argument(
+        "--reply-pacing",
+        default="policy",
+        help="the sites' reply pacing: 'policy' (their default policy, ratio 2), 'off', or a "
+        "ratio between 1.1 and 16",
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/fedsilo-round-latency"))
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -168,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.reply_pacing not in ("policy", "off"):
+        try:
+            ratio = float(args.reply_pacing)
+        except ValueError:
+            ratio = float("nan")
+        if not 1.1 <= ratio <= 16:
+            parser.error(f"--reply-pacing {args.reply_pacing!r}: use policy, off or 1.1..16")
     rows = []
     for mode in modes:
         started = time.monotonic()
-        rows += run_mode(mode, args.out / mode, args.hospitals, args.rounds)
+        rows += run_mode(mode, args.out / mode, args.hospitals, args.rounds, args.reply_pacing)
         print(f"{mode}: whole run (start-up included) {time.monotonic() - started:.1f} s")
     load_after = os.getloadavg()
     header = f"{'mode':14} {'round':>5} " + " ".join(f"{s[:7]:>7}" for s in STAGES)
@@ -196,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"load average (1/5/15 min) before {load_before[0]:.1f}/{load_before[1]:.1f}/"
         f"{load_before[2]:.1f}, after {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f}"
-        f" on {os.cpu_count()} cores"
+        f" on {os.cpu_count()} cores; reply pacing: {args.reply_pacing}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "round_latency.json").write_text(json.dumps(rows, indent=2))
