@@ -77,6 +77,13 @@ def _mask_seconds(home: Path) -> list[tuple[float, float]]:
     return [(t - r, a) for r, t, a in zip(received, trained, answered, strict=False)]
 
 
+def paced_policy(policy, pacing: str):
+    """``policy`` with ``reply_pacing_ratio`` from ``--reply-pacing`` (``off`` or a ratio),
+    validated by the site policy's own bounds (pydantic ValidationError otherwise)."""
+    ratio = None if pacing == "off" else pacing
+    return type(policy).model_validate({**policy.model_dump(), "reply_pacing_ratio": ratio})
+
+
 def run_mode(
     mode: str, work: Path, hospitals: int, rounds: int, pacing: str = "policy"
 ) -> list[dict]:
@@ -110,9 +117,8 @@ def run_mode(
     if pacing != "policy":
         from silo_client.governance.policy import load_policy, save_policy
 
-        ratio = None if pacing == "off" else float(pacing)
         for home in homes:  # after approve_everywhere, which writes the policy
-            policy = load_policy(home.root).model_copy(update={"reply_pacing_ratio": ratio})
+            policy = paced_policy(load_policy(home.root), pacing)
             save_policy(home.root, policy, actor="bench/round_latency.py")
     tls = make_tls(work / "tls", "latency-bench", ["127.0.0.1", "localhost"])
     out = work / "run"
@@ -186,13 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    if args.reply_pacing not in ("policy", "off"):
+    if args.reply_pacing != "policy":
+        from pydantic import ValidationError
+
+        from silo_client.governance.policy import SitePolicy
+
         try:
-            ratio = float(args.reply_pacing)
-        except ValueError:
-            ratio = float("nan")
-        if not 1.1 <= ratio <= 16:
-            parser.error(f"--reply-pacing {args.reply_pacing!r}: use policy, off or 1.1..16")
+            paced_policy(SitePolicy(), args.reply_pacing)
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"]
+            parser.error(f"--reply-pacing {args.reply_pacing!r}: {reason} (or 'policy', 'off')")
     rows = []
     for mode in modes:
         started = time.monotonic()
