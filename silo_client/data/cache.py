@@ -20,8 +20,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedsilo_base.atomic_files import PRIVATE, atomic_file
 
 __all__ = [
@@ -81,6 +79,8 @@ def load_entry(path: Path, required: dict[str, type]) -> dict[str, Any] | None:
     """
     if not path.is_file():
         return None
+    import torch  # here, not at the top: dataset_version serves torch-free callers (plan_fit)
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
@@ -101,6 +101,8 @@ def load_entry(path: Path, required: dict[str, type]) -> dict[str, Any] | None:
 
 def save_entry(path: Path, payload: dict[str, Any]) -> bool:
     """Write ``payload`` atomically to ``path``; returns False (with a warning) on failure."""
+    import torch
+
     path = Path(path)
     try:
         with atomic_file(path, mode=PRIVATE) as fh:

@@ -84,15 +84,14 @@ def check_plan(
 
 
 def _images_misfit(home: SiloHome, plan: TrainingPlan) -> str | None:
-    """A catalogued dataset none of whose images fit the plan's channels (colour/grayscale)."""
+    """A dataset (catalogued or plain folder) none of whose images fit the plan's channels."""
     if plan.task != "classification":
         return None
-    from silo_client.data.plan_fit import catalogue_fit_problem
+    from silo_client.data.plan_fit import dataset_fit_problem
 
     spec = plan.preprocessing
-    return catalogue_fit_problem(
-        Path(home.dataset_folder(plan.dataset)), spec.channels, spec.to_grayscale
-    )
+    folder = Path(home.dataset_folder(plan.dataset))
+    return dataset_fit_problem(folder, spec.channels, spec.to_grayscale, home.cache_dir)
 
 
 def _note_run_started(home: SiloHome, approval: Approval, run_id: str, signer: str | None) -> None:

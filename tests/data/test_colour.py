@@ -29,7 +29,11 @@ from silo_client.data.catalogued import build_catalogued_dataset
 from silo_client.data.dataset_builder import build_dataset
 from silo_client.data.dicom_read import LibraryMessages, decode_failure
 from silo_client.data.ingest import INGEST_LOG, inspect_file, load_frames, register_dataset
-from silo_client.data.plan_fit import catalogue_fit_problem
+from silo_client.data.plan_fit import (
+    catalogue_fit_problem,
+    dataset_fit_problem,
+    folder_photometric_counts,
+)
 from silo_client.data.preprocessing import Preprocessing
 from silo_client.errors import DataError
 from silo_client.home import SiloHome, init_silo_home
@@ -454,6 +458,47 @@ def test_colour_dataset_refused_by_a_grayscale_plan(tmp_path: Path, colour_hospi
     assert catalogue_fit_problem(folder, 1, True) is None
     with Catalogue.of_home(home.root) as catalogue:
         assert catalogue.summary("default")["ok"] == n  # nothing stored was touched
+
+
+def test_plain_folder_fit_is_read_from_headers_and_remembered(
+    tmp_path: Path, colour_hospital: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain folder (dicom/ + labels.csv, not catalogued) is judged at the gate too, from its
+    headers, and the counts are kept per folder version in the silo's cache."""
+    import shutil
+
+    import pydicom
+
+    folder = tmp_path / "plain"
+    shutil.copytree(colour_hospital, folder)
+    (folder / "dicom" / "notes.txt").write_text("not DICOM")  # left to the dataset builder
+    cache = tmp_path / "cache"
+    n = len(list((colour_hospital / "dicom").iterdir()))
+    assert dataset_fit_problem(folder, 1, False, cache) == (
+        "none of this site's images fit the plan: they are colour (YBR_FULL_422) and the plan "
+        "takes grayscale images (preprocessing.channels: 1)"
+    )
+    assert dataset_fit_problem(folder, 3, False, cache) is None
+    assert dataset_fit_problem(folder, 1, True, cache) is None
+    (remembered,) = cache.glob("photometric-*.json")
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("headers read again for an unchanged folder")
+
+    monkeypatch.setattr(pydicom, "dcmread", no_reads)
+    assert folder_photometric_counts(folder / "dicom", cache) == {"YBR_FULL_422": n}
+    monkeypatch.undo()
+    remembered.write_text("{damaged")  # a damaged entry is counted again, not trusted
+    assert folder_photometric_counts(folder / "dicom", cache) == {"YBR_FULL_422": n}
+    # one grayscale image more: a new folder version, counted again, and now some images fit
+    save(image_dataset(textured(32)), folder / "dicom" / "gray.dcm")
+    assert folder_photometric_counts(folder / "dicom", cache) == {
+        "YBR_FULL_422": n,
+        "MONOCHROME2": 1,
+    }
+    assert dataset_fit_problem(folder, 1, False, cache) is None
+    assert dataset_fit_problem(folder, 3, False) is None  # without a cache: read every time
+    assert dataset_fit_problem(tmp_path / "missing", 3, False, cache) is None  # builder says why
 
 
 def test_mixed_dataset_skips_what_does_not_fit(tmp_path: Path, colour_hospital: Path) -> None:

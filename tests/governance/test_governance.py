@@ -180,6 +180,27 @@ def test_every_refusal_path_of_the_gate(silo_homes, keys, tmp_path: Path) -> Non
     assert "10000" not in reason and "/" not in reason
 
 
+def test_a_plain_folder_that_does_not_fit_the_plan_is_refused_at_the_gate(
+    silo_homes, keys, tmp_path: Path
+) -> None:
+    """A colour plan at silos whose plain folders hold grayscale images: refused with the
+    reason at the gate (audited), before any pixel is decoded; not a dropout mid-round."""
+    key, pub = keys
+    plan = parse_plan(PLAN.replace("{input_size: 32}", "{input_size: 32, channels: 3}"))
+    for home in silo_homes:
+        save_policy(home.root, _policy(pub), actor="it")
+        approve_plan(home.root, plan, sign_plan(plan, key), actor="it")
+    reason = _run(silo_homes, plan, tmp_path, "colour")
+    assert (
+        "none of this site's images fit the plan: they are grayscale (MONOCHROME2) and the plan "
+        "takes colour images (preprocessing.channels: 3)"
+    ) in reason
+    for home in silo_homes:
+        assert not list(home.cache_dir.glob("dataset-*")), "no dataset built for a refused plan"
+        refused = [e for e in AuditLog.of_home(home.root).entries() if e["event"] == "plan-refused"]
+        assert refused and "images fit the plan" in refused[-1]["reason"]
+
+
 def test_altered_plan_refused_and_audited(silo_homes, keys, tmp_path: Path) -> None:
     key, pub = keys
     plan = parse_plan(PLAN)
