@@ -2,7 +2,8 @@
 refuses a plan it cannot train at the gate (``check_plan``) instead of failing in the middle of a
 secure-aggregation round, where its refusal would look like a dropout. A catalogued dataset is
 answered from its catalogue; a plain folder (``dicom/`` + ``labels.csv``) from its files'
-headers, remembered per folder version. Imports neither torch nor MONAI."""
+headers, remembered per folder version (the gate keeps them in the silo home). Imports neither
+torch nor MONAI."""
 
 from __future__ import annotations
 

@@ -91,7 +91,10 @@ def _images_misfit(home: SiloHome, plan: TrainingPlan) -> str | None:
 
     spec = plan.preprocessing
     folder = Path(home.dataset_folder(plan.dataset))
-    return dataset_fit_problem(folder, spec.channels, spec.to_grayscale, home.cache_dir)
+    # the gate's own memory, beside its run markers: the data cache stays empty until a round
+    # that passed the gate loads the dataset
+    memory = home.root / "governance" / "plan-fit"
+    return dataset_fit_problem(folder, spec.channels, spec.to_grayscale, memory)
 
 
 def _note_run_started(home: SiloHome, approval: Approval, run_id: str, signer: str | None) -> None:

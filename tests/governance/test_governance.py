@@ -196,7 +196,7 @@ def test_a_plain_folder_that_does_not_fit_the_plan_is_refused_at_the_gate(
         "takes colour images (preprocessing.channels: 3)"
     ) in reason
     for home in silo_homes:
-        assert not list(home.cache_dir.glob("dataset-*")), "no dataset built for a refused plan"
+        assert not any(home.cache_dir.iterdir()), "no data loaded for a refused plan"
         refused = [e for e in AuditLog.of_home(home.root).entries() if e["event"] == "plan-refused"]
         assert refused and "images fit the plan" in refused[-1]["reason"]
 
