@@ -83,6 +83,9 @@ def folder_photometric_counts(dicom_dir: Path, cache_dir: Path | None = None) ->
             cached.parent.mkdir(parents=True, exist_ok=True)
             data = json.dumps({"format": _FIT_CACHE_FORMAT, "counts": counts}).encode()
             write_atomic(cached, data, mode=PRIVATE)
+            for stale in cached.parent.glob("photometric-*.json"):  # earlier folder versions
+                if stale != cached:
+                    stale.unlink(missing_ok=True)
         except OSError:
             pass  # a read-only cache only costs reading the headers again
     return counts

@@ -497,6 +497,8 @@ def test_plain_folder_fit_is_read_from_headers_and_remembered(
         "MONOCHROME2": 1,
     }
     assert dataset_fit_problem(folder, 1, False, cache) is None
+    assert list(cache.glob("photometric-*.json")) != [remembered]  # only the new version kept
+    assert len(list(cache.glob("photometric-*.json"))) == 1
     assert dataset_fit_problem(folder, 3, False) is None  # without a cache: read every time
     assert dataset_fit_problem(tmp_path / "missing", 3, False, cache) is None  # builder says why
 
